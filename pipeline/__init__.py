@@ -1,0 +1,1 @@
+"""clipline: a reproducible DVC pipeline for CLIP-style models."""

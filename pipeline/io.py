@@ -1,0 +1,128 @@
+"""Atomic writes and the Parquet/JSON helpers every stage uses.
+
+Every output goes to a temporary name beside its target and is renamed into place, so an
+interrupted stage never leaves a half-written file that DVC or the next stage would trust.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+
+@contextlib.contextmanager
+def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary file path; on success rename it onto `target`, on failure delete it."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, target)
+    finally:
+        tmp_path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
+    """Yield a fresh temporary directory; on success it replaces `target` as a whole."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        yield tmp
+        if target.exists():
+            # Move the old one aside first so the swap leaves no moment without a complete dir.
+            old = target.with_name(f".{target.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(target, old)
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: not found; run the stage that writes it (dvc repro)") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating,)):
+        return float(value)
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"cannot write {type(value).__name__} as JSON")
+
+
+def write_parquet(path: str | os.PathLike, frame: pd.DataFrame) -> None:
+    with atomic_path(path) as tmp:
+        frame.to_parquet(tmp, index=False)
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def embeddings_table(meta: pd.DataFrame, embeddings: np.ndarray) -> pa.Table:
+    """Metadata columns plus `embedding` as a fixed-size list of float32."""
+    embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
+    n, dim = embeddings.shape
+    if len(meta) != n:
+        raise ValueError(f"{len(meta)} metadata rows but {n} embeddings")
+    table = pa.Table.from_pandas(meta.reset_index(drop=True), preserve_index=False)
+    values = pa.FixedSizeListArray.from_arrays(pa.array(embeddings.reshape(-1)), dim)
+    return table.append_column("embedding", values)
+
+
+def write_embedding_shard(path: str | os.PathLike, meta: pd.DataFrame, embeddings: np.ndarray) -> None:
+    with atomic_path(path) as tmp:
+        pq.write_table(embeddings_table(meta, embeddings), tmp)
+
+
+def read_embeddings(path: str | os.PathLike) -> tuple[pd.DataFrame, np.ndarray]:
+    """Read one Parquet file or a folder of shards; returns (metadata, float32 matrix)."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(path.glob("part-*.parquet"))
+        if not files:
+            raise FileNotFoundError(f"{path}: no part-*.parquet shards; run `dvc repro embed`")
+    elif path.exists():
+        files = [path]
+    else:
+        raise FileNotFoundError(f"{path}: not found; run `dvc repro embed`")
+    table = pa.concat_tables(pq.read_table(f) for f in files)
+    column = table.column("embedding").combine_chunks()
+    dim = column.type.list_size
+    matrix = column.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, dim)
+    meta = table.drop_columns(["embedding"]).to_pandas()
+    return meta, matrix
