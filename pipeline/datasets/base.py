@@ -1,0 +1,188 @@
+"""The canonical table set every source becomes, and the helpers the sources share.
+
+A source module exposes `prepare(params: DataParams, out_dir: Path) -> PreparedDataset`.
+It reads its native format, may write image files under `out_dir` (sources that ship pixels
+in batches or generate them), and returns tables that follow the data contract:
+
+- images:   image_id (str), path (str, relative to `image_root`), split (train|val|test),
+            label (Int64, nullable), class_name (str, nullable)
+- captions: caption_id (str), image_id (str), caption (str), split   (None if the source has none)
+- classes:  ordered list of dicts with index, name, aliases and source ids (wnid, ...)
+- templates: prompt templates with one `{}` for the class name
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Optional
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from pipeline.params import SPLITS, DataParams, SplitRatios
+
+IMAGE_COLUMNS = ["image_id", "path", "split", "label", "class_name"]
+CAPTION_COLUMNS = ["caption_id", "image_id", "caption", "split"]
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+# Generic prompts for sources that do not bring their own (CLIP's short ensemble).
+DEFAULT_TEMPLATES = [
+    "a photo of a {}.",
+    "a blurry photo of a {}.",
+    "a photo of the large {}.",
+    "a photo of the small {}.",
+    "a good photo of a {}.",
+]
+
+
+class DatasetError(ValueError):
+    """Raw data that cannot be read as the source's format; the message names the file."""
+
+
+@dataclass
+class Rejections:
+    """Per-file (or per-line) problems that were skipped at the user's request, or are benign."""
+
+    skip_bad_files: bool
+    records: list[dict] = field(default_factory=list)
+
+    def reject(self, path: str | Path, reason: str, *, fatal_unless_skipping: bool = True) -> None:
+        """Record a problem; raise instead when the user did not ask to skip bad input."""
+        if fatal_unless_skipping and not self.skip_bad_files:
+            raise DatasetError(f"{path}: {reason} (set data.skip_bad_files: true to skip and record such files)")
+        self.records.append({"path": str(path), "reason": reason})
+
+
+@dataclass
+class PreparedDataset:
+    source: str
+    images: pd.DataFrame
+    classes: list[dict]
+    templates: list[str]
+    image_root: Path
+    captions: Optional[pd.DataFrame] = None
+    rejected: list[dict] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.images = normalise_images(self.images)
+        if self.captions is not None:
+            self.captions = self.captions[CAPTION_COLUMNS].reset_index(drop=True)
+            self.captions["caption_id"] = self.captions["caption_id"].astype(str)
+            self.captions["image_id"] = self.captions["image_id"].astype(str)
+        validate(self)
+
+
+def normalise_images(images: pd.DataFrame) -> pd.DataFrame:
+    missing = [c for c in IMAGE_COLUMNS if c not in images.columns]
+    if missing:
+        raise ValueError(f"images table lacks columns {missing}")
+    out = images[IMAGE_COLUMNS].reset_index(drop=True).copy()
+    out["image_id"] = out["image_id"].astype(str)
+    out["path"] = out["path"].astype(str)
+    out["split"] = out["split"].astype(str)
+    out["label"] = out["label"].astype("Int64")
+    out["class_name"] = out["class_name"].astype("string")
+    return out
+
+
+def validate(dataset: PreparedDataset) -> None:
+    """Check the contract; a violation here is a bug in the source module, not in user data."""
+    images = dataset.images
+    if images.empty:
+        raise DatasetError(f"{dataset.source}: no images were found")
+    if images["image_id"].duplicated().any():
+        dup = images.loc[images["image_id"].duplicated(), "image_id"].iloc[0]
+        raise ValueError(f"{dataset.source}: duplicate image_id {dup!r}")
+    bad_splits = set(images["split"]) - set(SPLITS)
+    if bad_splits:
+        raise ValueError(f"{dataset.source}: unknown splits {sorted(bad_splits)}")
+    indices = [c["index"] for c in dataset.classes]
+    if indices != list(range(len(indices))):
+        raise ValueError(f"{dataset.source}: class indices must be 0..n-1 in order")
+    labels = images["label"].dropna()
+    if len(labels) and (labels.min() < 0 or labels.max() >= len(indices)):
+        raise ValueError(f"{dataset.source}: labels outside 0..{len(indices) - 1}")
+    if dataset.captions is not None:
+        unknown = set(dataset.captions["image_id"]) - set(images["image_id"])
+        if unknown:
+            raise ValueError(f"{dataset.source}: captions for unknown images, e.g. {sorted(unknown)[:3]}")
+
+
+def assign_splits(n: int, ratios: SplitRatios, rng: np.random.Generator) -> np.ndarray:
+    """Shuffle n items into train/val/test by ratio (rounded, every item assigned)."""
+    order = rng.permutation(n)
+    n_val = int(round(ratios.val * n))
+    n_test = int(round(ratios.test * n))
+    n_val = min(n_val, n)
+    n_test = min(n_test, n - n_val)
+    splits = np.full(n, "train", dtype=object)
+    splits[order[:n_val]] = "val"
+    splits[order[n_val : n_val + n_test]] = "test"
+    return splits
+
+
+def stratified_splits(labels: Iterable[int], ratios: SplitRatios, seed: int) -> np.ndarray:
+    """Per-class split so every class appears in each split in proportion."""
+    labels = np.asarray(list(labels))
+    rng = np.random.default_rng(seed)
+    splits = np.empty(len(labels), dtype=object)
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        splits[members] = assign_splits(len(members), ratios, rng)
+    return splits
+
+
+def cap_per_split(images: pd.DataFrame, max_per_split: Optional[int], seed: int) -> pd.DataFrame:
+    """Keep at most `max_per_split` images of each split (seeded sample, stable order)."""
+    if max_per_split is None:
+        return images
+    kept = [
+        group if len(group) <= max_per_split else group.sample(n=max_per_split, random_state=seed)
+        for _, group in images.groupby("split", sort=False)
+    ]
+    return pd.concat(kept).sort_index()
+
+
+def check_image(path: Path) -> Optional[str]:
+    """Return why the file is not a readable image, or None when it is."""
+    try:
+        with Image.open(path) as img:
+            img.verify()
+        return None
+    except FileNotFoundError:
+        return "file not found"
+    except Exception as err:  # PIL raises many types for corrupt data
+        return f"not a readable image ({type(err).__name__}: {err})"
+
+
+def drop_unreadable(images: pd.DataFrame, image_root: Path, rejections: Rejections) -> pd.DataFrame:
+    """Open every image once; an unreadable one is an error or a recorded rejection."""
+    keep = []
+    for path in images["path"]:
+        problem = check_image(image_root / path)
+        if problem is not None:
+            rejections.reject(image_root / path, problem)
+        keep.append(problem is None)
+    return images[np.array(keep, dtype=bool)]
+
+
+def resolve_root(params: DataParams) -> Path:
+    return Path(params.root).expanduser()
+
+
+def class_entry(index: int, name: str, aliases: Optional[list[str]] = None, **source_ids) -> dict:
+    return {"index": index, "name": name, "aliases": aliases or [name], **source_ids}
+
+
+def load_rgb(path: str | Path) -> Image.Image:
+    """Open an image as RGB, with an error that names the file when it cannot be read."""
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except FileNotFoundError:
+        raise DatasetError(f"{path}: image file not found") from None
+    except Exception as err:  # PIL raises many types for corrupt data
+        raise DatasetError(f"{path}: not a readable image ({type(err).__name__}: {err})") from None

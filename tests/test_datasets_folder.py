@@ -1,0 +1,118 @@
+"""Class-per-folder source: `root/<class>/<image>`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.datasets import folder, load_prepared
+from pipeline.datasets import prepare as prepare_dataset
+from pipeline.datasets.base import DEFAULT_TEMPLATES, DatasetError
+from pipeline.params import DataParams
+
+
+def write_image(path: Path, value: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((8, 8, 3), value, np.uint8)).save(path)
+
+
+def make_tree(root: Path) -> Path:
+    """4 images per class; classes created out of order; hidden and non-image files around."""
+    for c, name in enumerate(["zebra", "ant", "Moose"]):
+        for i in range(4):
+            ext = [".jpg", ".PNG", ".jpeg", ".png"][i]
+            write_image(root / name / f"img{i}{ext}", 40 * c + i)
+    (root / "ant" / ".DS_Store").write_bytes(b"\x00\x01")
+    (root / "ant" / "labels.csv").write_text("not an image\n")
+    (root / ".cache").mkdir()
+    write_image(root / ".cache" / "thumb.jpg", 1)
+    (root / "README.txt").write_text("loose file\n")
+    return root
+
+
+def params(root: Path, **overrides) -> DataParams:
+    base = dict(source="folder", root=str(root), splits={"train": 0.5, "val": 0.25, "test": 0.25}, download=False)
+    return DataParams(**{**base, **overrides})
+
+
+def test_classes_sorted_and_split_stratified(tmp_path):
+    root = make_tree(tmp_path / "tree")
+    ds = folder.prepare(params(root), tmp_path / "out")
+
+    # Sorted by name (case-sensitive, as sorted() does); hidden folder skipped.
+    assert [c["name"] for c in ds.classes] == ["Moose", "ant", "zebra"]
+    assert [c["index"] for c in ds.classes] == [0, 1, 2]
+    assert ds.templates == DEFAULT_TEMPLATES
+    assert ds.image_root == root
+    assert len(ds.images) == 12
+    row = ds.images.set_index("image_id").loc["ant/img1"]
+    assert row["path"] == "ant/img1.PNG" and row["label"] == 1 and row["class_name"] == "ant"
+    assert all((root / p).is_file() for p in ds.images["path"])
+    # Stratified: 4 per class -> 2 train, 1 val, 1 test in every class.
+    counts = ds.images.groupby(["label", "split"]).size().unstack()
+    assert (counts["train"] == 2).all() and (counts["val"] == 1).all() and (counts["test"] == 1).all()
+    # labels.csv and README.txt are noted, never fatal; .DS_Store and .cache are ignored silently.
+    assert any("non-image" in n and "ant/labels.csv" in n for n in ds.notes)
+    assert any("README.txt" in n for n in ds.notes)
+    assert ".cache" not in " ".join(ds.images["path"])
+
+
+def test_split_is_seeded(tmp_path):
+    root = make_tree(tmp_path / "tree")
+    a = folder.prepare(params(root, seed=3), tmp_path / "a")
+    b = folder.prepare(params(root, seed=3), tmp_path / "b")
+    assert list(a.images["split"]) == list(b.images["split"])
+
+
+def test_same_stem_different_extension_keeps_ids_unique(tmp_path):
+    root = make_tree(tmp_path / "tree")
+    write_image(root / "ant" / "img0.png", 7)  # beside ant/img0.jpg
+    ds = folder.prepare(params(root), tmp_path / "out")
+    assert {"ant/img0.jpg", "ant/img0.png"} <= set(ds.images["image_id"])
+
+
+def test_corrupt_image_is_an_error_or_a_rejection(tmp_path):
+    root = make_tree(tmp_path / "tree")
+    bad = root / "zebra" / "broken.jpg"
+    bad.write_bytes(np.random.default_rng(0).integers(0, 256, 512, dtype=np.uint8).tobytes())
+    with pytest.raises(DatasetError, match=r"zebra/broken\.jpg: not a readable image"):
+        folder.prepare(params(root), tmp_path / "out")
+
+    ds = folder.prepare(params(root, skip_bad_files=True), tmp_path / "out")
+    assert len(ds.images) == 12
+    assert "zebra/broken" not in set(ds.images["image_id"])
+    assert len(ds.rejected) == 1 and ds.rejected[0]["path"] == str(bad)
+
+
+def test_class_without_images_names_the_folder(tmp_path):
+    root = make_tree(tmp_path / "tree")
+    (root / "empty").mkdir()
+    (root / "empty" / "notes.txt").write_text("nothing here\n")
+    with pytest.raises(DatasetError, match=r"tree/empty: class folder holds no images"):
+        folder.prepare(params(root), tmp_path / "out")
+
+
+def test_empty_or_missing_tree(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetError, match=r"empty: no class subfolders"):
+        folder.prepare(params(tmp_path / "empty"), tmp_path / "out")
+    with pytest.raises(DatasetError, match=r"nowhere: image folder not found"):
+        folder.prepare(params(tmp_path / "nowhere"), tmp_path / "out")
+
+
+def test_prepare_writes_tables_that_load_back(tmp_path):
+    root = make_tree(tmp_path / "tree")
+    out = tmp_path / "prepared"
+    prepare_dataset(params(root), out)
+    prepared = load_prepared(out)
+
+    assert prepared.info["source"] == "folder"
+    assert prepared.info["n_images_per_split"] == {"train": 6, "val": 3, "test": 3}
+    assert prepared.image_root == root
+    assert all(p.is_file() for p in prepared.image_paths())
+    assert prepared.class_names == ["Moose", "ant", "zebra"]
+    assert prepared.templates == DEFAULT_TEMPLATES
+    assert prepared.captions is None
