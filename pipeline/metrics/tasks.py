@@ -1,0 +1,87 @@
+"""The evaluation tasks. Each returns its metrics, or {"skipped": reason} when the data cannot
+support it, so `reports/metrics.json` always says why a number is missing."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from pipeline.metrics.classification import chance_top1, top_k_accuracy, zero_shot_scores
+from pipeline.metrics.retrieval import recall_at_k, recall_curve
+
+
+def skipped(reason: str) -> dict:
+    return {"skipped": reason}
+
+
+@dataclass
+class TaskResult:
+    metrics: dict
+    # Rows for DVC plots and data for figures, keyed by name; empty when the task was skipped.
+    plots: dict[str, list[dict]] = field(default_factory=dict)
+    extras: dict = field(default_factory=dict)
+
+
+def zero_shot(images: pd.DataFrame, image_emb: np.ndarray, class_emb: np.ndarray, class_names: list[str], split: str) -> TaskResult:
+    """Top-1/top-5 of image -> class-prompt similarity on the labelled images of `split`."""
+    if len(class_names) < 2:
+        return TaskResult(skipped("the dataset has no classes (zero-shot needs at least 2)"))
+    mask = ((images["split"] == split) & images["label"].notna()).to_numpy()
+    if not mask.any():
+        return TaskResult(skipped(f"no labelled images in the '{split}' split"))
+    labels = images.loc[mask, "label"].to_numpy().astype(np.int64)
+    scores = zero_shot_scores(image_emb[mask], class_emb)
+    predicted = scores.argmax(axis=1)
+    metrics = {
+        **top_k_accuracy(labels, scores, (1, 5)),
+        "chance_top1": chance_top1(len(class_names)),
+        "n": int(mask.sum()),
+        "n_classes": len(class_names),
+    }
+    rows = [{"actual": class_names[a], "predicted": class_names[p]} for a, p in zip(labels, predicted)]
+    return TaskResult(metrics, plots={"zero_shot_predictions": rows}, extras={"labels": labels, "predicted": predicted})
+
+
+def cross_modal_retrieval(
+    images: pd.DataFrame, image_emb: np.ndarray, texts: pd.DataFrame | None, text_emb: np.ndarray | None, split: str, ks: list[int]
+) -> TaskResult:
+    """Recall@K text->image and image->text over the images of `split` that have captions."""
+    if texts is None or text_emb is None or len(texts) == 0:
+        return TaskResult(skipped("the dataset has no captions"))
+    image_mask = (images["split"] == split).to_numpy()
+    split_images, split_emb = images[image_mask].reset_index(drop=True), image_emb[image_mask]
+    text_mask = texts["image_id"].isin(split_images["image_id"]).to_numpy()
+    if not text_mask.any():
+        return TaskResult(skipped(f"no captioned images in the '{split}' split"))
+    captioned = split_images["image_id"].isin(texts.loc[text_mask, "image_id"]).to_numpy()
+    kept, img = split_images[captioned].reset_index(drop=True), split_emb[captioned]
+    row_of_image = pd.Series(np.arange(len(kept)), index=kept["image_id"].to_numpy())
+    text_image = row_of_image[texts.loc[text_mask, "image_id"]].to_numpy()
+    txt = text_emb[text_mask]
+    metrics = recall_at_k(img, txt, text_image, ks)
+    metrics.update(n_images=int(len(img)), n_texts=int(len(txt)))
+    curve = recall_curve(img, txt, text_image, max_k=min(max(ks) * 2, len(img)))
+    return TaskResult(
+        metrics,
+        plots={"recall_at_k": curve},
+        extras={
+            "images": kept,
+            "image_emb": img,
+            "texts": texts[text_mask].reset_index(drop=True),
+            "text_emb": txt,
+            "text_image": text_image,
+        },
+    )
+
+
+def stage_timing(prepare_info: dict, embed_info: dict, index_info: dict) -> dict[str, float]:
+    """Seconds per stage, as each stage recorded them in its own output's JSON."""
+    recorded = {
+        "prepare_s": prepare_info.get("prepare_s"),
+        "train_s": embed_info.get("model", {}).get("train_s"),
+        "embed_s": embed_info.get("embed_s"),
+        "index_s": index_info.get("index_s"),
+    }
+    return {k: v for k, v in recorded.items() if v is not None}

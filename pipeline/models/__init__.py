@@ -1,0 +1,164 @@
+"""open_clip model loading: hub tag, local checkpoint or no weights, plus the project's tiny config.
+
+`create_model` is the single entry point (it wraps `open_clip.create_model_and_transforms`).
+`save_trained` / `load_trained` write and read the `artifacts/model/` folder that `train` leaves
+for `embed` and the user commands.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import open_clip
+import torch
+
+from pipeline import io
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+TINY_MODEL = "clipline-tiny"
+MODEL_JSON = "model.json"
+
+_registered = False
+
+
+class ModelError(ValueError):
+    """A model name, weight tag or checkpoint that cannot be used; the message says what to do."""
+
+
+def register_configs() -> None:
+    """Make the project's model configs (clipline-tiny) known to open_clip by name."""
+    global _registered
+    if not _registered:
+        open_clip.add_model_config(CONFIG_DIR)
+        _registered = True
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelError(f"device '{device}' was asked for but CUDA is not available; use 'auto' or 'cpu'")
+    return torch.device(device)
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    preprocess_train: Callable
+    preprocess: Callable
+    tokenizer: Callable
+    name: str
+    pretrained: str
+    device: torch.device
+
+    @property
+    def embed_dim(self) -> int:
+        return int(open_clip.get_model_config(self.name)["embed_dim"])
+
+
+def _hub_weights_cached(name: str, tag: str) -> bool:
+    """True when the weights for (name, tag) are already in the local Hugging Face / open_clip cache."""
+    from huggingface_hub import try_to_load_from_cache
+
+    cfg = open_clip.get_pretrained_cfg(name, tag)
+    hub = cfg.get("hf_hub", "")
+    if hub:
+        repo_id, filename = os.path.split(hub)
+        candidates = [filename] if filename else ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
+        if filename.endswith(".bin"):
+            candidates.insert(0, filename.replace(".bin", ".safetensors"))
+        return any(isinstance(try_to_load_from_cache(repo_id, f), str) for f in candidates)
+    url = cfg.get("url", "")
+    return bool(url) and (Path(os.path.expanduser("~/.cache/clip")) / os.path.basename(url)).exists()
+
+
+def _network_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        return False
+    try:
+        with socket.create_connection((host, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def resolve_pretrained(name: str, pretrained: str) -> Optional[str]:
+    """Turn `model.pretrained` into what open_clip takes: None, a file path, or a hub tag.
+
+    Fails fast, before any download attempt, when hub weights are neither cached nor reachable.
+    """
+    register_configs()
+    if name not in open_clip.list_models():
+        raise ModelError(
+            f"model.name: unknown model {name!r}; choose one of open_clip.list_models() "
+            f"(e.g. ViT-B-32) or {TINY_MODEL!r}"
+        )
+    if pretrained in ("", "none", None):
+        return None
+    path = Path(pretrained).expanduser()
+    if path.suffix in (".pt", ".pth", ".bin", ".safetensors") or path.exists():
+        if not path.is_file():
+            raise ModelError(f"model.pretrained: checkpoint file {path} not found")
+        return str(path)
+    tags = open_clip.list_pretrained_tags_by_model(name)
+    if pretrained not in tags:
+        raise ModelError(
+            f"model.pretrained: {pretrained!r} is not a hub tag for {name}; known tags: {', '.join(tags) or 'none'} "
+            "(or give a local checkpoint path, or 'none')"
+        )
+    if not _hub_weights_cached(name, pretrained) and not _network_reachable():
+        raise ModelError(
+            f"model.pretrained: weights {name}/{pretrained} are not in the local cache and there is no network.\n"
+            "Fetch them ahead on a machine with a network, then copy the cache over:\n"
+            f"  python -c \"import open_clip; open_clip.create_model_and_transforms('{name}', pretrained='{pretrained}')\"\n"
+            "  # copies to ~/.cache/huggingface/hub; copy that folder (or set HF_HOME to where you put it)\n"
+            "or point model.pretrained at a downloaded checkpoint file (open_clip_pytorch_model.bin / .safetensors)."
+        )
+    return pretrained
+
+
+def create_model(name: str, pretrained: str = "none", device: str | torch.device = "cpu") -> LoadedModel:
+    """Build an open_clip model with its transforms and tokenizer; weights per `pretrained`."""
+    weights = resolve_pretrained(name, pretrained)
+    device = resolve_device(device) if isinstance(device, str) else device
+    try:
+        model, preprocess_train, preprocess = open_clip.create_model_and_transforms(name, pretrained=weights, device=device)
+    except RuntimeError as err:  # a local checkpoint that does not fit the architecture
+        raise ModelError(f"model.pretrained: cannot load {pretrained!r} into {name}: {err}") from None
+    return LoadedModel(
+        model=model,
+        preprocess_train=preprocess_train,
+        preprocess=preprocess,
+        tokenizer=open_clip.get_tokenizer(name),
+        name=name,
+        pretrained=pretrained,
+        device=device,
+    )
+
+
+def save_trained(model_dir: Path, loaded: LoadedModel, info: dict[str, Any], checkpoints: dict[str, dict]) -> None:
+    """Write checkpoints (state dicts) and model.json into `model_dir` (already a temp folder)."""
+    model_dir.mkdir(parents=True, exist_ok=True)
+    for filename, state in checkpoints.items():
+        with io.atomic_path(model_dir / filename) as tmp:
+            torch.save(state, tmp)
+    io.write_json(model_dir / MODEL_JSON, {"name": loaded.name, "pretrained": loaded.pretrained, **info})
+
+
+def load_trained(model_dir: str | Path = "artifacts/model", device: str = "auto") -> tuple[LoadedModel, dict]:
+    """Rebuild the model that `train` left behind; returns it in eval mode with its model.json."""
+    model_dir = Path(model_dir)
+    info = io.read_json(model_dir / MODEL_JSON)
+    checkpoint = info.get("checkpoint")
+    # A trained checkpoint holds every weight, so the base weights need not be fetched again.
+    loaded = create_model(info["name"], "none" if checkpoint else info["pretrained"], device)
+    loaded.pretrained = info["pretrained"]
+    if checkpoint:
+        state = torch.load(model_dir / checkpoint, map_location=loaded.device, weights_only=True)
+        loaded.model.load_state_dict(state["model"])
+    loaded.model.eval()
+    return loaded, info

@@ -1,0 +1,30 @@
+"""Stage 1: raw dataset in its native format -> data/prepared/ (canonical tables + classes)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from pipeline import datasets, params as params_lib
+from pipeline.stage import stage_app
+
+
+def main(
+    params_file: Path = typer.Option(params_lib.DEFAULT_PARAMS_FILE, "--params", help="params.yaml to read"),
+    out: Path = typer.Option(Path("data/prepared"), help="output folder (replaced atomically)"),
+) -> None:
+    params = params_lib.load(params_file).data
+    dataset = datasets.prepare(params, out)
+    counts = dataset.images["split"].value_counts().to_dict()
+    n_captions = 0 if dataset.captions is None else len(dataset.captions)
+    typer.echo(
+        f"prepared {params.source}: {len(dataset.images)} images {counts}, {n_captions} captions, "
+        f"{len(dataset.classes)} classes, {len(dataset.rejected)} rejected -> {out}"
+    )
+
+
+app = stage_app(main)
+
+if __name__ == "__main__":
+    app()

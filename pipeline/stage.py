@@ -1,0 +1,37 @@
+"""What every stage script shares: a typer app and clean exits on user-facing errors."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Callable
+
+import typer
+
+from pipeline.datasets.base import DatasetError
+from pipeline.models import ModelError
+from pipeline.params import ParamsError
+from pipeline.retrieval.faiss_index import IndexBuildError
+
+# Mistakes in params, data or paths: the message says what is wrong, a traceback would only hide it.
+USER_ERRORS = (ParamsError, DatasetError, ModelError, IndexBuildError, FileNotFoundError)
+
+
+def user_errors_exit_cleanly(func: Callable) -> Callable:
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except USER_ERRORS as err:
+            typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+            raise typer.Exit(code=1) from None
+
+    return wrapper
+
+
+def stage_app(main: Callable) -> typer.Typer:
+    """A one-command typer app for a stage's `main`."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+    app.command()(user_errors_exit_cleanly(main))
+    return app

@@ -1,0 +1,62 @@
+"""Stage 2: build the model and train it per `train.method` -> artifacts/model/, reports/train/."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pandas as pd
+import typer
+
+from pipeline import io, models, params as params_lib
+from pipeline.datasets import load_prepared
+from pipeline.training.clip import train_clip, validation_recall
+from pipeline.training.optim import seed_everything
+from pipeline.stage import stage_app
+
+
+def main(
+    params_file: Path = typer.Option(params_lib.DEFAULT_PARAMS_FILE, "--params", help="params.yaml to read"),
+    data: Path = typer.Option(Path("data/prepared"), help="prepared dataset folder"),
+    out: Path = typer.Option(Path("artifacts/model"), help="model folder (replaced atomically)"),
+    reports: Path = typer.Option(Path("reports/train"), help="training curves folder"),
+) -> None:
+    params = params_lib.load(params_file)
+    start = time.perf_counter()
+    seed_everything(params.train.seed)  # the initial weights of an untrained model depend on it
+    loaded = models.create_model(params.model.name, params.model.pretrained, params.train.device)
+    prepared = load_prepared(data)
+    info = {"method": params.train.method, "embed_dim": loaded.embed_dim, "trained_on": prepared.info["source"]}
+
+    if params.train.method == "none":
+        # Weights as they are. A random init has no file to come back to, so it is saved.
+        checkpoints = {} if loaded.pretrained != "none" else {"last.pt": {"model": loaded.model.state_dict()}}
+        info["checkpoint"] = "last.pt" if checkpoints else None
+        val = validation_recall(loaded, prepared)
+        loss_rows, val_rows = [], [] if val is None else [{"epoch": 0, **val}]
+    else:
+        result = train_clip(loaded, prepared, params.train)
+        checkpoints = {
+            "best.pt": {"model": result.best_state, "epoch": result.best_epoch},
+            "last.pt": {"model": result.last_state, "epoch": params.train.epochs},
+        }
+        info.update(checkpoint="best.pt", best_epoch=result.best_epoch, epochs=params.train.epochs, notes=result.notes)
+        loss_rows, val_rows = result.loss_rows, result.val_rows
+    info["train_s"] = round(time.perf_counter() - start, 3)
+
+    with io.atomic_dir(out) as tmp:
+        models.save_trained(tmp, loaded, info, checkpoints)
+    with io.atomic_dir(reports) as tmp:
+        if loss_rows:
+            pd.DataFrame(loss_rows).to_csv(tmp / "loss.csv", index=False)
+        if val_rows:
+            pd.DataFrame(val_rows).to_csv(tmp / "val.csv", index=False)
+    best = f", best epoch {info['best_epoch']}" if "best_epoch" in info else ""
+    final = f", val mean recall {val_rows[-1]['mean_recall']:.3f}" if val_rows else ""
+    typer.echo(f"train {params.train.method}: {params.model.name}/{params.model.pretrained}{best}{final} in {info['train_s']:.0f}s -> {out}")
+
+
+app = stage_app(main)
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,159 @@
+"""CLIP dual-encoder training: symmetric InfoNCE over image/caption batches, learnable temperature.
+
+From scratch for the tiny model, fine-tuning for pretrained weights: the same loop. Validation
+recall (text<->image on the val split) after each epoch picks the best checkpoint.
+Sources without captions train on class prompts (template x class name), as FLYP does.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import torch
+from open_clip.loss import ClipLoss
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from pipeline.datasets import Prepared
+from pipeline.datasets.base import load_rgb
+from pipeline.metrics.retrieval import recall_at_k
+from pipeline.models import LoadedModel
+from pipeline.models.encode import autocast, encode_image_batches, encode_texts, image_loader
+from pipeline.params import TrainParams
+from pipeline.training.optim import cosine_with_warmup, param_groups, seed_everything
+
+MAX_LOGIT_SCALE = math.log(100)  # CLIP clamps the temperature so logits stay <= 100
+
+
+def captions_by_image(prepared: Prepared, split: str) -> tuple[pd.DataFrame, list[list[str]]]:
+    """Images of one split with their captions; class prompts stand in when the source has none."""
+    images = prepared.images[prepared.images["split"] == split].reset_index(drop=True)
+    if prepared.captions is not None:
+        grouped = prepared.captions.groupby("image_id")["caption"].apply(list)
+        images = images[images["image_id"].isin(grouped.index)].reset_index(drop=True)
+        return images, [grouped[i] for i in images["image_id"]]
+    images = images[images["label"].notna()].reset_index(drop=True)
+    names = prepared.class_names
+    return images, [[t.format(names[int(label)]) for t in prepared.templates] for label in images["label"]]
+
+
+class ImageCaptionPairs(Dataset):
+    """(image, one of its captions) with the caption drawn afresh each epoch, reproducibly."""
+
+    def __init__(self, paths, captions: list[list[str]], tokenizer, transform, seed: int):
+        self.paths = list(paths)
+        flat = [c for caps in captions for c in caps]
+        self.tokens = tokenizer(flat)  # tokenised once, not per step
+        offsets = np.cumsum([0] + [len(c) for c in captions])
+        self.first, self.count = offsets[:-1], np.diff(offsets)
+        self.transform = transform
+        self.seed = seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int):
+        pick = np.random.default_rng((self.seed, self.epoch, index)).integers(self.count[index])
+        return self.transform(load_rgb(self.paths[index])), self.tokens[self.first[index] + pick]
+
+
+@dataclass
+class TrainResult:
+    best_state: dict
+    last_state: dict
+    best_epoch: int
+    loss_rows: list[dict] = field(default_factory=list)
+    val_rows: list[dict] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def validation_recall(loaded: LoadedModel, prepared: Prepared, split: str = "val", batch_size: int = 256) -> dict | None:
+    """Recall@1/5/10 both ways on one split, plus their mean (the model-selection score)."""
+    images, captions = captions_by_image(prepared, split)
+    if images.empty:
+        return None
+    loaded.model.eval()
+    image_emb = encode_image_batches(loaded, image_loader(prepared.image_paths(images), loaded.preprocess, batch_size), desc="val images")
+    texts = [c for caps in captions for c in caps]
+    text_image = np.repeat(np.arange(len(images)), [len(c) for c in captions])
+    text_emb = encode_texts(loaded, texts, batch_size, desc="val texts")
+    recalls = recall_at_k(image_emb, text_emb, text_image, (1, 5, 10))
+    row = {f"{direction}_{k}": v for direction, ks in recalls.items() for k, v in ks.items()}
+    row["mean_recall"] = float(np.mean(list(row.values())))
+    return row
+
+
+def train_clip(loaded: LoadedModel, prepared: Prepared, params: TrainParams) -> TrainResult:
+    seed_everything(params.seed)
+    model, device = loaded.model, loaded.device
+    images, captions = captions_by_image(prepared, "train")
+    if images.empty:
+        raise ValueError("train.method 'clip' needs a train split with captions or class labels; the prepared data has none")
+    pairs = ImageCaptionPairs(prepared.image_paths(images), captions, loaded.tokenizer, loaded.preprocess_train, params.seed)
+    batch_size = min(params.batch_size, len(pairs))
+    loader = DataLoader(
+        pairs,
+        batch_size=batch_size,
+        shuffle=True,
+        drop_last=True,  # a tiny last batch gives a noisy contrastive loss
+        num_workers=params.num_workers,
+        generator=torch.Generator().manual_seed(params.seed),
+        persistent_workers=params.num_workers > 0,
+    )
+    optimizer = torch.optim.AdamW(param_groups(model, params.weight_decay), lr=params.lr, betas=(0.9, 0.98), eps=1e-6)
+    scheduler = cosine_with_warmup(optimizer, params.epochs * len(loader), params.warmup_fraction)
+    loss_fn = ClipLoss()
+
+    result = TrainResult(best_state={}, last_state={}, best_epoch=0)
+    best_score = -1.0
+    val = validation_recall(loaded, prepared)
+    if val is None:
+        result.notes.append("no val split: the best checkpoint is the last one")
+    else:
+        result.val_rows.append({"epoch": 0, **val})
+
+    for epoch in range(1, params.epochs + 1):
+        model.train()
+        pairs.epoch = epoch
+        start, losses = time.perf_counter(), []
+        for image, tokens in tqdm(loader, desc=f"epoch {epoch}/{params.epochs}", leave=False, disable=None):
+            image, tokens = image.to(device, non_blocking=True), tokens.to(device, non_blocking=True)
+            with autocast(device):
+                image_features, text_features, logit_scale = model(image, tokens)[:3]
+                loss = loss_fn(image_features, text_features, logit_scale)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            with torch.no_grad():
+                model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+            losses.append(loss.item())
+        result.loss_rows.append(
+            {
+                "epoch": epoch,
+                "loss": float(np.mean(losses)),
+                "lr": scheduler.get_last_lr()[0],
+                "temperature": float(1.0 / model.logit_scale.exp().item()),
+                "epoch_s": round(time.perf_counter() - start, 3),
+            }
+        )
+        if val is not None and (epoch % params.val_every == 0 or epoch == params.epochs):
+            row = validation_recall(loaded, prepared)
+            result.val_rows.append({"epoch": epoch, **row})
+            if row["mean_recall"] > best_score:
+                best_score, result.best_epoch = row["mean_recall"], epoch
+                result.best_state = _cpu_copy(model.state_dict())
+    result.last_state = _cpu_copy(model.state_dict())
+    if val is None:
+        result.best_state, result.best_epoch = result.last_state, params.epochs
+    return result
+
+
+def _cpu_copy(state: dict) -> dict:
+    return {k: v.detach().to("cpu", copy=True) for k, v in copy.copy(state).items()}

@@ -1,0 +1,83 @@
+"""Params validation names the key; atomic writes never leave partial files."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline import io, params
+
+
+def test_defaults_load_from_an_empty_file(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("")
+    loaded = params.load(path)
+    assert loaded.data.source == "synthetic" and loaded.train.method == "clip"
+
+
+def test_project_params_file_is_valid():
+    loaded = params.load("params.yaml")
+    assert loaded.model.name == "clipline-tiny"
+
+
+@pytest.mark.parametrize(
+    "text, key",
+    [
+        ("train:\n  lr: -1\n", "train.lr"),
+        ("train:\n  epocs: 3\n", "train.epocs"),
+        ("data:\n  source: mnist\n", "data.source"),
+        ("data:\n  source: folder\n", "data.root is required"),
+        ("data:\n  splits: {train: 0.9, val: 0.2, test: 0.1}\n", "data.splits"),
+        ("evaluate:\n  recall_k: [0, 5]\n", "evaluate.recall_k"),
+    ],
+)
+def test_bad_values_name_the_key(tmp_path, text, key):
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    with pytest.raises(params.ParamsError) as err:
+        params.load(path)
+    assert key in str(err.value) and str(path) in str(err.value)
+
+
+def test_malformed_yaml_names_the_file(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("train: [unclosed\n")
+    with pytest.raises(params.ParamsError, match="not valid YAML"):
+        params.load(path)
+
+
+def test_atomic_path_leaves_nothing_when_interrupted(tmp_path):
+    target = tmp_path / "out.json"
+    io.write_json(target, {"ok": 1})
+    with pytest.raises(RuntimeError):
+        with io.atomic_path(target) as tmp:
+            tmp.write_text('{"half": ')
+            raise RuntimeError("killed mid-write")
+    assert io.read_json(target) == {"ok": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["out.json"]
+
+
+def test_atomic_dir_replaces_whole_folder_or_nothing(tmp_path):
+    target = tmp_path / "folder"
+    with io.atomic_dir(target) as tmp:
+        (tmp / "a.txt").write_text("first")
+    with pytest.raises(RuntimeError):
+        with io.atomic_dir(target) as tmp:
+            (tmp / "b.txt").write_text("second")
+            raise RuntimeError("killed")
+    assert sorted(p.name for p in target.iterdir()) == ["a.txt"]
+    with io.atomic_dir(target) as tmp:
+        (tmp / "c.txt").write_text("third")
+    assert sorted(p.name for p in target.iterdir()) == ["c.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder"]
+
+
+def test_embedding_shards_round_trip_as_fixed_size_float32(tmp_path):
+    meta = pd.DataFrame({"image_id": ["a", "b", "c"], "split": ["train", "test", "test"]})
+    vectors = np.arange(12, dtype=np.float64).reshape(3, 4)
+    io.write_embedding_shard(tmp_path / "emb" / "part-00000.parquet", meta.iloc[:2], vectors[:2])
+    io.write_embedding_shard(tmp_path / "emb" / "part-00001.parquet", meta.iloc[2:], vectors[2:])
+    read_meta, read_vectors = io.read_embeddings(tmp_path / "emb")
+    assert read_meta["image_id"].tolist() == ["a", "b", "c"]
+    assert read_vectors.dtype == np.float32 and np.array_equal(read_vectors, vectors.astype(np.float32))
+    with pytest.raises(FileNotFoundError, match="dvc repro embed"):
+        io.read_embeddings(tmp_path / "missing")
