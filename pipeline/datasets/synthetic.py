@@ -45,7 +45,7 @@ CAPTION_TEMPLATES = [
     "{where} there is a {size} {shape}",
     "a picture of {a_colour} {shape} with a {background} backdrop",
 ]
-PROMPT_TEMPLATES = ["a {}", "a picture of a {}", "a {} drawn in colour", "there is a {}"]
+PROMPT_TEMPLATES = ["a small {}", "a large {}", "a picture of a {}", "there is a {}"]
 
 
 def _polygon(cx: float, cy: float, r: float, n: int, rotation: float = -math.pi / 2, inner: float = 1.0):

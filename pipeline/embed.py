@@ -1,0 +1,116 @@
+"""Stage 3: image, caption and class-prompt features -> artifacts/embeddings/.
+
+    images/part-RRRRR.parquet   image_id, path, split, label, class_name, embedding
+    texts/part-RRRRR.parquet    caption_id, image_id, split, embedding   (sources with captions)
+    classes.parquet             index, name, embedding (template ensemble, encoded once)
+    embed.json                  which model made them, counts, timing
+
+One process writes shard 0. Under `torchrun --nproc_per_node N -m pipeline.embed`, rank r
+embeds rows r, r+N, ... and writes shard r; rank 0 writes the class prompts and embed.json last,
+so a folder with embed.json is complete.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+import typer
+
+from pipeline import io, params as params_lib
+from pipeline.datasets import load_prepared
+from pipeline.models import load_trained
+from pipeline.models.encode import encode_class_prompts, encode_images, encode_texts
+from pipeline.stage import stage_app
+
+IMAGE_META = ["image_id", "path", "split", "label", "class_name"]
+TEXT_META = ["caption_id", "image_id", "split"]
+
+
+def _distributed() -> tuple[int, int]:
+    """(rank, world size); joins the process group when launched by torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return int(os.environ.get("RANK", "0")), world
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        torch.distributed.barrier()
+
+
+def embed_into(folder: Path, params: params_lib.EmbedParams, data: Path, model_dir: Path, rank: int, world: int) -> dict:
+    """Write this rank's shards into `folder`; rank 0 adds the class prompts. Returns counts."""
+    start = time.perf_counter()
+    device = params.device
+    if device == "auto" and torch.cuda.is_available() and world > 1:
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
+    loaded, model_info = load_trained(model_dir, device)
+    prepared = load_prepared(data)
+    shard = f"part-{rank:05d}.parquet"
+
+    images = prepared.images.iloc[rank::world]
+    image_start = time.perf_counter()
+    image_emb = encode_images(loaded, prepared.image_paths(images), params.batch_size, params.num_workers)
+    image_s = time.perf_counter() - image_start
+    io.write_embedding_shard(folder / "images" / shard, images[IMAGE_META], image_emb)
+
+    n_texts = 0
+    if prepared.captions is not None:
+        captions = prepared.captions.iloc[rank::world]
+        text_emb = encode_texts(loaded, captions["caption"].tolist(), params.batch_size)
+        io.write_embedding_shard(folder / "texts" / shard, captions[TEXT_META], text_emb)
+        n_texts = len(captions)
+
+    if rank == 0:
+        class_emb = encode_class_prompts(loaded, prepared.class_names, prepared.templates)
+        classes = pd.DataFrame({"index": [c["index"] for c in prepared.classes], "name": prepared.class_names})
+        io.write_embedding_shard(folder / "classes.parquet", classes, class_emb)
+    return {
+        "model": model_info,  # which model made these embeddings (artifacts/model/model.json)
+        "dim": int(image_emb.shape[1]),
+        "n_images": len(images),
+        "n_texts": n_texts,
+        "images_per_s": round(len(images) / image_s, 1) if image_s > 0 else None,
+        "device": str(loaded.device),
+        "embed_s": round(time.perf_counter() - start, 3),
+    }
+
+
+def main(
+    params_file: Path = typer.Option(params_lib.DEFAULT_PARAMS_FILE, "--params", help="params.yaml to read"),
+    data: Path = typer.Option(Path("data/prepared"), help="prepared dataset folder"),
+    model_dir: Path = typer.Option(Path("artifacts/model"), "--model", help="trained model folder"),
+    out: Path = typer.Option(Path("artifacts/embeddings"), help="embeddings folder (replaced atomically)"),
+) -> None:
+    params = params_lib.load(params_file).embed
+    rank, world = _distributed()
+    if world == 1:
+        with io.atomic_dir(out) as tmp:
+            info = embed_into(tmp, params, data, model_dir, rank, world)
+            io.write_json(tmp / "embed.json", {**info, "world_size": 1})
+    else:
+        if rank == 0:
+            shutil.rmtree(out, ignore_errors=True)  # stale shards of a larger earlier launch must go
+        _barrier(world)
+        info = embed_into(out, params, data, model_dir, rank, world)
+        totals = [None] * world
+        torch.distributed.all_gather_object(totals, info)
+        if rank == 0:
+            info = {**info, "n_images": sum(t["n_images"] for t in totals), "n_texts": sum(t["n_texts"] for t in totals)}
+            io.write_json(out / "embed.json", {**info, "world_size": world})
+        _barrier(world)
+        torch.distributed.destroy_process_group()
+    if rank == 0:
+        typer.echo(f"embedded {info['n_images']} images, {info['n_texts']} texts ({info['images_per_s']} images/s on {info['device']}) -> {out}")
+
+
+app = stage_app(main)
+
+if __name__ == "__main__":
+    app()

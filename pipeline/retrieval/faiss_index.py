@@ -1,0 +1,125 @@
+"""FAISS index build/search with a row -> image id map, and ANN quality against exact search.
+
+Folder layout (artifacts/index/):
+    index.faiss    the index
+    ids.parquet    row -> image_id, path, split, label, class_name
+    index.json     factory, metric, size, dimension, build time, recall@10 vs exact, QPS
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pandas as pd
+
+from pipeline import io
+
+METRICS = {"ip": faiss.METRIC_INNER_PRODUCT, "l2": faiss.METRIC_L2}
+MAX_TRAIN_POINTS = 200_000  # IVF/PQ quantisers train on a sample; more adds time, not quality
+
+
+class IndexBuildError(ValueError):
+    """A factory string or search setting that cannot work; the message names the param."""
+
+
+def _check_factory(factory: str, n: int) -> None:
+    for match in re.finditer(r"IVF(\d+)", factory):
+        nlist = int(match.group(1))
+        if nlist > n:
+            raise IndexBuildError(
+                f"index.factory {factory!r}: IVF{nlist} needs at least {nlist} vectors to train, "
+                f"the gallery has {n}; use IVF{max(1, int(np.sqrt(n)))} or fewer lists"
+            )
+
+
+def build(vectors: np.ndarray, factory: str, metric: str = "ip", seed: int = 0) -> tuple[faiss.Index, float]:
+    """Build (and train, where the factory needs it) an index over `vectors`; returns (index, seconds)."""
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    n, dim = vectors.shape
+    _check_factory(factory, n)
+    start = time.perf_counter()
+    try:
+        index = faiss.index_factory(dim, factory, METRICS[metric])
+    except RuntimeError as err:
+        raise IndexBuildError(f"index.factory {factory!r} is not a valid FAISS factory string for dim {dim}: {err}") from None
+    if not index.is_trained:
+        rng = np.random.default_rng(seed)
+        sample = vectors if n <= MAX_TRAIN_POINTS else vectors[rng.choice(n, MAX_TRAIN_POINTS, replace=False)]
+        index.train(sample)
+    index.add(vectors)
+    return index, time.perf_counter() - start
+
+
+def apply_search_params(index: faiss.Index, search_params: str) -> None:
+    """Set e.g. "efSearch=64" or "nprobe=8" (FAISS ParameterSpace syntax)."""
+    if search_params:
+        try:
+            faiss.ParameterSpace().set_index_parameters(index, search_params)
+        except RuntimeError as err:
+            raise IndexBuildError(f"index.search_params {search_params!r} do not apply to this index: {err}") from None
+
+
+def search(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(scores, rows) of the top k per query; rows are -1 where fewer than k were found."""
+    k = min(k, index.ntotal)
+    return index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+
+
+def ann_quality(index: faiss.Index, vectors: np.ndarray, queries: np.ndarray, metric: str, k: int = 10) -> dict:
+    """Recall@k of the index against exact search over the same vectors, and queries per second.
+
+    Recall here is |ANN top-k ∩ exact top-k| / k: how much of the true neighbourhood the index finds.
+    """
+    exact = faiss.IndexFlat(vectors.shape[1], METRICS[metric])
+    exact.add(np.ascontiguousarray(vectors, dtype=np.float32))
+    k_used = min(k, len(vectors))  # a gallery smaller than k is searched whole
+    _, truth = exact.search(np.ascontiguousarray(queries, dtype=np.float32), k_used)
+    start = time.perf_counter()
+    _, found = search(index, queries, k_used)
+    elapsed = time.perf_counter() - start
+    hits = [len(set(f[f >= 0]) & set(t)) for f, t in zip(found, truth)]
+    return {
+        f"recall@{k}": float(np.sum(hits) / (k_used * len(queries))),
+        "qps": round(len(queries) / elapsed, 1) if elapsed > 0 else None,
+        "n_queries": int(len(queries)),
+    }
+
+
+def save(folder: Path, index: faiss.Index, ids: pd.DataFrame, info: dict) -> None:
+    with io.atomic_path(folder / "index.faiss") as tmp:
+        faiss.write_index(index, str(tmp))
+    io.write_parquet(folder / "ids.parquet", ids.reset_index(drop=True))
+    io.write_json(folder / "index.json", info)
+
+
+@dataclass
+class LoadedIndex:
+    index: faiss.Index
+    ids: pd.DataFrame
+    info: dict
+
+    def search(self, queries: np.ndarray, k: int) -> list[pd.DataFrame]:
+        """Per query, the top-k rows of the id map with a `score` column, best first."""
+        scores, rows = search(self.index, np.atleast_2d(queries), k)
+        results = []
+        for score_row, row_ids in zip(scores, rows):
+            keep = row_ids >= 0
+            hits = self.ids.iloc[row_ids[keep]].copy()
+            hits["score"] = score_row[keep]
+            results.append(hits.reset_index(drop=True))
+        return results
+
+
+def load(folder: str | Path = "artifacts/index") -> LoadedIndex:
+    folder = Path(folder)
+    if not (folder / "index.faiss").exists():
+        raise FileNotFoundError(f"{folder / 'index.faiss'}: not found; run `dvc repro index`")
+    info = io.read_json(folder / "index.json")
+    index = faiss.read_index(str(folder / "index.faiss"))
+    apply_search_params(index, info.get("search_params", ""))
+    return LoadedIndex(index=index, ids=pd.read_parquet(folder / "ids.parquet"), info=info)

@@ -1,0 +1,95 @@
+"""One real `dvc repro` of the five stages on a small config, and DVC's change tracking."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = {
+    "data": {"synthetic": {"n_classes": 4, "images_per_class": 15}, "splits": {"train": 0.6, "val": 0.2, "test": 0.2}},
+    "train": {"epochs": 2, "batch_size": 16},
+    "index": {"factory": "Flat", "search_params": ""},
+    "evaluate": {"n_examples": 2},
+}
+
+
+def _run(args, cwd):
+    result = subprocess.run(args, cwd=cwd, capture_output=True, text=True)
+    assert result.returncode == 0, f"{' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
+    return result.stdout
+
+
+def _dvc(cwd, *args):
+    return _run([sys.executable, "-m", "dvc", *args], cwd)
+
+
+def _set(params_file: Path, section: str, key: str, value) -> None:
+    params = yaml.safe_load(params_file.read_text())
+    params[section][key] = value
+    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def _merge(base: dict, override: dict) -> dict:
+    for key, value in override.items():
+        base[key] = _merge(base.get(key, {}), value) if isinstance(value, dict) else value
+    return base
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    """A copy of the project with a small params.yaml, reproduced once."""
+    work = tmp_path_factory.mktemp("project")
+    for name in ("pipeline", ".dvc"):
+        shutil.copytree(ROOT / name, work / name, ignore=shutil.ignore_patterns("__pycache__", "tmp", "cache"))
+    for name in ("dvc.yaml", ".dvcignore"):
+        shutil.copy(ROOT / name, work / name)
+    params = _merge(yaml.safe_load((ROOT / "params.yaml").read_text()), SMALL)
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    _run(["git", "init", "-q"], work)
+    _dvc(work, "repro")
+    return work
+
+
+def test_repro_writes_metrics_plots_and_report(project):
+    metrics = json.loads((project / "reports/metrics.json").read_text())
+    zero_shot, retrieval, index = metrics["zero_shot"], metrics["retrieval"], metrics["index"]
+    assert set(zero_shot) >= {"top1", "chance_top1", "n"} and zero_shot["chance_top1"] == 0.25
+    assert "top5" not in zero_shot  # 4 classes: top-5 would be trivially 1
+    for direction in ("text_to_image", "image_to_text"):
+        assert set(retrieval[direction]) == {"R@1", "R@5", "R@10"}
+        assert all(0.0 <= v <= 1.0 for v in retrieval[direction].values())
+    assert retrieval["n_images"] == 12 and retrieval["n_texts"] == 60
+    assert index["factory"] == "Flat" and index["recall@10"] == 1.0 and index["n"] == 60
+    assert set(metrics["timing"]) == {"prepare_s", "train_s", "embed_s", "index_s", "evaluate_s"}
+    report = (project / "reports/report.md").read_text()
+    assert "## Retrieval" in report and "figures/retrieval_examples.png" in report
+    for figure in ("training_curve", "similarity_heatmap", "retrieval_examples", "confusion"):
+        assert (project / f"reports/figures/{figure}.png").stat().st_size > 1000
+    assert (project / "reports/train/loss.csv").read_text().count("\n") == 3  # header + 2 epochs
+    shown = json.loads(_dvc(project, "metrics", "show", "--json"))
+    assert shown, "dvc metrics show found no metrics"
+    assert json.loads(_dvc(project, "status", "--json")) == {}
+
+
+def test_evaluate_param_reruns_only_evaluate(project):
+    _set(project / "params.yaml", "evaluate", "recall_k", [1, 2])
+    assert set(json.loads(_dvc(project, "status", "--json"))) == {"evaluate"}
+    out = _dvc(project, "repro")
+    assert "Running stage 'evaluate'" in out
+    assert not any(f"Running stage '{s}'" in out for s in ("prepare", "train", "embed", "index"))
+    metrics = json.loads((project / "reports/metrics.json").read_text())
+    assert set(metrics["retrieval"]["text_to_image"]) == {"R@1", "R@2"}
+
+
+def test_train_param_reruns_train_and_downstream_not_prepare(project):
+    _set(project / "params.yaml", "train", "epochs", 1)
+    assert set(json.loads(_dvc(project, "status", "--json"))) == {"train"}
+    out = _dvc(project, "repro")
+    assert "Running stage 'train'" in out and "Running stage 'evaluate'" in out
+    assert "Running stage 'prepare'" not in out
+    assert (project / "reports/train/loss.csv").read_text().count("\n") == 2
