@@ -33,7 +33,8 @@ def main(
         checkpoints = {} if loaded.pretrained != "none" else {"last.pt": {"model": loaded.model.state_dict()}}
         info["checkpoint"] = "last.pt" if checkpoints else None
         val = validation_recall(loaded, prepared)
-        loss_rows, val_rows = [], [] if val is None else [{"epoch": 0, **val}]
+        loss_rows = []
+        val_rows = [] if val is None else [{"epoch": 0, **val}]
     else:
         result = train_clip(loaded, prepared, params.train)
         checkpoints = {
