@@ -80,7 +80,7 @@ class ModelParams(_Section):
 
 class TrainParams(_Section):
     method: Literal["none", "clip"] = "clip"
-    epochs: int = Field(20, ge=1)
+    epochs: int = Field(30, ge=1)
     batch_size: int = Field(64, ge=2)
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.1, ge=0)

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -93,3 +94,18 @@ def test_train_param_reruns_train_and_downstream_not_prepare(project):
     assert "Running stage 'train'" in out and "Running stage 'evaluate'" in out
     assert "Running stage 'prepare'" not in out
     assert (project / "reports/train/loss.csv").read_text().count("\n") == 2
+
+
+def test_torchrun_shards_embed_and_match_one_process(project, tmp_path):
+    """Two ranks (CPU, gloo) write one shard each; together they equal the single-process run."""
+    from pipeline import io
+
+    out = tmp_path / "embeddings"
+    _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "pipeline.embed", "--out", str(out)], project)
+    assert sorted(p.name for p in (out / "images").iterdir()) == ["part-00000.parquet", "part-00001.parquet"]
+    assert json.loads((out / "embed.json").read_text())["world_size"] == 2
+    single_meta, single = io.read_embeddings(project / "artifacts/embeddings/images")
+    sharded_meta, sharded = io.read_embeddings(out / "images")
+    order = sharded_meta.set_index("image_id").index.get_indexer(single_meta["image_id"])
+    assert (order >= 0).all() and len(order) == len(sharded)
+    assert np.allclose(single, sharded[order], atol=1e-6)
