@@ -56,9 +56,13 @@ def render(metrics: dict, figures: dict[str, str]) -> str:
             "\n".join(lines),
             "",
         ]
-        for role, alt in (("heatmap", "image-caption similarity heatmap"), ("examples", "text-to-image retrieval examples")):
-            if role in figures:
-                parts.append(f"![{alt}]({figures[role]})\n")
+        if "heatmap" in figures:
+            parts.append(f"![image-caption similarity heatmap]({figures['heatmap']})\n")
+        if "examples" in figures:
+            parts.append(
+                "Captions searched in the FAISS index over the whole gallery; the caption's own image is "
+                f"framed in green, scores are cosine similarities.\n\n![text-to-image retrieval examples]({figures['examples']})\n"
+            )
 
     parts.append(_section("Index", metrics["index"], ["factory", "metric", "n", "dim", "recall@10", "qps", "build_s"]))
     parts.append("Recall@10 here is the share of exact-search top-10 neighbours the index returns.\n")

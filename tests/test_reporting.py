@@ -1,0 +1,27 @@
+"""report.md says why a section is missing, and shows what was measured."""
+
+from pipeline.reporting import markdown
+
+METRICS = {
+    "dataset": {"source": "flickr8k", "n_images": 8091, "n_classes": 0, "split": "test"},
+    "model": {"name": "ViT-B-32", "pretrained": "openai", "method": "none"},
+    "zero_shot": {"skipped": "the dataset has no classes (zero-shot needs at least 2)"},
+    "retrieval": {
+        "text_to_image": {"R@1": 0.5, "R@5": 0.75},
+        "image_to_text": {"R@1": 0.625, "R@5": 0.875},
+        "n_images": 1000,
+        "n_texts": 5000,
+    },
+    "index": {"factory": "IVF64,Flat", "metric": "ip", "n": 8091, "dim": 512, "recall@10": 0.91, "qps": 12000.0, "build_s": 0.5},
+    "timing": {"prepare_s": 1.0, "evaluate_s": 2.0},
+}
+
+
+def test_skipped_task_is_explained_and_measured_ones_are_tabled():
+    report = markdown.render(METRICS, {"examples": "figures/retrieval_examples.png"})
+    assert "## Zero-shot classification\n\nSkipped: the dataset has no classes (zero-shot needs at least 2)." in report
+    assert "| text to image | 0.5000 | 0.7500 |" in report
+    assert "| image to text | 0.6250 | 0.8750 |" in report
+    assert "![text-to-image retrieval examples](figures/retrieval_examples.png)" in report
+    assert "| factory | IVF64,Flat |" in report and "| recall@10 | 0.9100 |" in report
+    assert "## Training" not in report  # no curve was drawn
