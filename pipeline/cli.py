@@ -9,7 +9,12 @@ from pathlib import Path
 
 import typer
 
+from typing import Optional
+
+import pandas as pd
+
 from pipeline import io
+from pipeline.predict import PredictError, Predictor
 from pipeline.stage import user_errors_exit_cleanly
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, help="Use a clipline pipeline's model, index and reports.")
@@ -36,6 +41,77 @@ def info(
     for key, value in rows:
         shown = f"{value:.4f}" if isinstance(value, float) else value
         typer.echo(f"{key.ljust(width)}  {shown}")
+
+
+ModelDir = typer.Option(Path("artifacts/model"), "--model", help="trained model folder")
+IndexDir = typer.Option(Path("artifacts/index"), "--index", help="FAISS index folder")
+DataDir = typer.Option(Path("data/prepared"), "--data", help="prepared dataset folder (for gallery image paths)")
+Metrics = typer.Option(Path("reports/metrics.json"), "--metrics", help="metrics with the verification threshold")
+Device = typer.Option("auto", help="auto | cpu | cuda")
+
+
+def _predictor(model: Path, index: Path, data: Path, metrics: Path, device: str) -> Predictor:
+    return Predictor.from_artifacts(model, index, data, metrics, device)
+
+
+@app.command()
+@user_errors_exit_cleanly
+def verify(
+    image1: Optional[Path] = typer.Argument(None, help="first image"),
+    image2: Optional[Path] = typer.Argument(None, help="second image"),
+    pairs: Optional[Path] = typer.Option(None, help="CSV with columns image1,image2 (a batch instead of two images)"),
+    out: Optional[Path] = typer.Option(None, help="where to write the batch results as CSV (default: stdout)"),
+    threshold: Optional[float] = typer.Option(None, help="distance threshold (default: the one evaluate chose)"),
+    model: Path = ModelDir,
+    index: Path = IndexDir,
+    data: Path = DataDir,
+    metrics: Path = Metrics,
+    device: str = Device,
+) -> None:
+    """Are two images the same class / identity? Prints same or different, the distance and a confidence."""
+    if pairs is None and (image1 is None or image2 is None):
+        raise PredictError("give two images, or --pairs pairs.csv")
+    predictor = _predictor(model, index, data, metrics, device)
+    if pairs is not None:
+        if not pairs.is_file():
+            raise FileNotFoundError(f"{pairs}: pairs file not found")
+        results = predictor.verify_pairs(pd.read_csv(pairs), threshold)
+        if out is None:
+            typer.echo(results.to_csv(index=False), nl=False)
+        else:
+            io.write_text(out, results.to_csv(index=False))
+            typer.echo(f"{int(results['same'].sum())} of {len(results)} pairs same -> {out}")
+        return
+    verdict = predictor.verify(image1, image2, threshold)
+    typer.echo(
+        f"{'same' if verdict.same else 'different'}  distance {verdict.distance:.4f}  "
+        f"threshold {verdict.threshold:.4f}  confidence {verdict.confidence:.2f}"
+    )
+
+
+@app.command()
+@user_errors_exit_cleanly
+def similar(
+    query: Path = typer.Argument(..., help="query image"),
+    top_k: int = typer.Option(5, "--top-k", "-k", help="how many neighbours"),
+    out: Optional[Path] = typer.Option(None, help="write a contact sheet (PNG) of the query and its neighbours"),
+    model: Path = ModelDir,
+    index: Path = IndexDir,
+    data: Path = DataDir,
+    metrics: Path = Metrics,
+    device: str = Device,
+) -> None:
+    """The nearest images in the index, with their similarity scores."""
+    predictor = _predictor(model, index, data, metrics, device)
+    hits = predictor.similar(query, top_k)
+    for rank, hit in enumerate(hits.itertuples(), start=1):
+        label = "" if pd.isna(hit.class_name) else f"  {hit.class_name}"
+        typer.echo(f"{rank:>3}  {hit.score:.4f}  {hit.image_id}{label}  {hit.full_path}")
+    if out is not None:
+        from pipeline.reporting.figures import contact_sheet  # matplotlib only when a sheet is asked for
+
+        contact_sheet(query, hits, out)
+        typer.echo(f"contact sheet -> {out}")
 
 
 @app.callback()

@@ -41,6 +41,7 @@ def main(
     index_dir: Path = typer.Option(Path("artifacts/index"), "--index", help="index folder"),
     train_reports: Path = typer.Option(Path("reports/train"), help="training curves folder"),
     reports: Path = typer.Option(Path("reports"), help="reports folder"),
+    methods: Path = typer.Option(Path("reports/methods.json"), help="method comparison from bench/compare_methods.py"),
 ) -> None:
     params = params_lib.load(params_file).evaluate
     start = time.perf_counter()
@@ -53,8 +54,17 @@ def main(
     embed_info = io.read_json(embeddings / "embed.json")
     index = faiss_index.load(index_dir)
 
-    zero_shot = tasks.zero_shot(images, image_emb, class_emb, prepared.class_names, params.split)
-    retrieval = tasks.cross_modal_retrieval(images, image_emb, texts, text_emb, params.split, params.recall_k)
+    if embed_info["model"].get("image_text_aligned", True):
+        zero_shot = tasks.zero_shot(images, image_emb, class_emb, prepared.class_names, params.split)
+        retrieval = tasks.cross_modal_retrieval(images, image_emb, texts, text_emb, params.split, params.recall_k)
+    else:
+        reason = f"method '{embed_info['model']['method']}' maps images through a projection head; image and text embeddings no longer share a space"
+        zero_shot = retrieval = tasks.TaskResult(tasks.skipped(reason))
+    pairs = params.pairs
+    verification = tasks.verification(
+        images, image_emb, params.threshold_split, params.split, pairs.max_positive, pairs.negatives_per_positive, pairs.seed
+    )
+    metric_learning = tasks.metric_learning(images, image_emb, params.split)
     index_keys = ("factory", "metric", "n", "dim", "recall@10", "qps", "build_s")
 
     written: dict[str, str] = {}
@@ -84,22 +94,40 @@ def main(
                 figures.retrieval_examples(queries, hits, figure_dir / "retrieval_examples.png")
                 written["examples"] = "figures/retrieval_examples.png"
             pd.DataFrame(retrieval.plots["recall_at_k"]).to_csv(plot_dir / "recall_at_k.csv", index=False)
+        if "skipped" not in verification.metrics:
+            extras, m = verification.extras, verification.metrics
+            figures.distance_histograms(extras["distances"], extras["same"], m["threshold"], figure_dir / "verification_distances.png")
+            figures.roc_curve_plot(extras["roc"]["fpr"], extras["roc"]["tpr"], m["roc_auc"], m["eer"], figure_dir / "verification_roc.png")
+            figures.verification_confusion(m["confusion"], figure_dir / "verification_confusion.png")
+            written.update(
+                distances="figures/verification_distances.png",
+                roc="figures/verification_roc.png",
+                verification_confusion="figures/verification_confusion.png",
+            )
+            pd.DataFrame(extras["roc"]).to_csv(plot_dir / "verification_roc.csv", index=False)
 
     metrics = {
         "dataset": {"source": prepared.info["source"], "n_images": prepared.info["n_images"], "n_classes": len(prepared.classes), "split": params.split},
         "model": {k: embed_info["model"].get(k) for k in ("name", "pretrained", "method")},
         "zero_shot": zero_shot.metrics,
         "retrieval": retrieval.metrics,
+        "verification": verification.metrics,
+        "metric_learning": metric_learning.metrics,
         "index": {k: index.info[k] for k in index_keys if k in index.info},
         "timing": {**tasks.stage_timing(prepared.info, embed_info, index.info), "evaluate_s": round(time.perf_counter() - start, 3)},
     }
     io.write_json(reports / "metrics.json", metrics)
-    io.write_text(reports / "report.md", markdown.render(metrics, written))
+    comparison = io.read_json(methods) if methods.exists() else None
+    io.write_text(reports / "report.md", markdown.render(metrics, written, comparison))
     summary = []
     if "top1" in zero_shot.metrics:
         summary.append(f"zero-shot top1 {zero_shot.metrics['top1']:.3f} (chance {zero_shot.metrics['chance_top1']:.3f})")
     if "text_to_image" in retrieval.metrics:
         summary.append(f"text->image R@5 {retrieval.metrics['text_to_image'].get('R@5', float('nan')):.3f}")
+    if "accuracy" in verification.metrics:
+        summary.append(f"verification accuracy {verification.metrics['accuracy']:.3f}")
+    if "map_at_r" in metric_learning.metrics:
+        summary.append(f"MAP@R {metric_learning.metrics['map_at_r']:.3f}")
     typer.echo(f"evaluate: {', '.join(summary) or 'no task applied'} -> {reports / 'metrics.json'}")
 
 

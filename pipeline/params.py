@@ -26,7 +26,7 @@ class _Section(BaseModel):
 
 
 class SyntheticParams(_Section):
-    n_classes: int = Field(8, ge=2, le=8)
+    n_classes: int = Field(8, ge=2, le=12)
     images_per_class: int = Field(150, ge=4)
     image_size: int = Field(64, ge=16, le=512)
 
@@ -51,6 +51,9 @@ class DataParams(_Section):
     seed: int = 0
     # Used where the source has no official split (folder, imagenet val, synthetic).
     splits: SplitRatios = SplitRatios()
+    # image: every class is in every split (classification). class: the ratios apply to classes,
+    # so test identities never appear in training (re-identification). folder and synthetic only.
+    split_by: Literal["image", "class"] = "image"
     # Fraction of an official train split held out as `val` (cifar10).
     val_fraction: float = Field(0.1, ge=0, lt=1)
     # Cap on images per split after splitting, for quick runs; null keeps all.
@@ -68,6 +71,8 @@ class DataParams(_Section):
     def _root_for_real_sources(self) -> "DataParams":
         if self.source != "synthetic" and not self.root:
             raise ValueError(f"data.root is required for source '{self.source}' (the raw dataset folder)")
+        if self.split_by == "class" and self.source not in ("synthetic", "folder"):
+            raise ValueError(f"data.split_by 'class' applies to synthetic and folder sources, not '{self.source}'")
         return self
 
 
@@ -78,18 +83,51 @@ class ModelParams(_Section):
     pretrained: str = "none"
 
 
+class SiameseParams(_Section):
+    # Contrastive loss y*d^2 + (1-y)*max(margin - d, 0)^2 on L2-normalised embeddings (d in [0, 2]).
+    margin: float = Field(1.0, gt=0)
+    # Pairs are re-drawn every epoch: this many anchors per class, each paired with an image of
+    # the same class with probability positive_ratio, else with another class.
+    samples_per_class: int = Field(64, ge=1)
+    positive_ratio: float = Field(0.5, ge=0, le=1)
+
+
+class TripletParams(_Section):
+    margin: float = Field(0.2, gt=0)
+    head_dim: int = Field(128, ge=2)
+    mining: Literal["batch_hard", "semi_hard", "all"] = "batch_hard"
+    # P x K class-balanced batches: P classes, K images each.
+    classes_per_batch: int = Field(8, ge=2)
+    images_per_class: int = Field(8, ge=2)
+    # Stage 1 trains the head on a frozen backbone; stage 2 also trains the last N blocks.
+    head_epochs: int = Field(5, ge=0)
+    unfreeze_blocks: int = Field(1, ge=0)
+    backbone_lr_scale: float = Field(0.1, gt=0, le=1)
+
+
 class TrainParams(_Section):
-    method: Literal["none", "clip"] = "clip"
+    method: Literal["none", "clip", "siamese", "triplet"] = "clip"
     epochs: int = Field(30, ge=1)
     batch_size: int = Field(64, ge=2)
+    optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.1, ge=0)
     warmup_fraction: float = Field(0.1, ge=0, lt=1)
     seed: int = 0
     device: str = "auto"
     num_workers: int = Field(0, ge=0)
-    # Epochs between validation passes (validation recall picks the best checkpoint).
+    # Epochs between validation passes (validation picks the best checkpoint).
     val_every: int = Field(1, ge=1)
+    # Early stopping (siamese, triplet): stop after `patience` validations without the validation
+    # loss improving by more than `min_delta`. 0 disables it.
+    patience: int = Field(0, ge=0)
+    min_delta: float = Field(0.0, ge=0)
+    # Keep a checkpoint every N epochs besides best and last (0: none).
+    checkpoint_every: int = Field(0, ge=0)
+    # Horizontal flip and brightness/contrast jitter on training images (siamese, triplet).
+    augment: bool = True
+    siamese: SiameseParams = SiameseParams()
+    triplet: TripletParams = TripletParams()
 
 
 class EmbedParams(_Section):
@@ -116,8 +154,20 @@ class IndexParams(_Section):
         return value
 
 
+class PairParams(_Section):
+    """Verification pairs, drawn once per split with a seed: all same-class pairs up to
+    `max_positive`, and `negatives_per_positive` times as many different-class pairs."""
+
+    max_positive: int = Field(5000, ge=1)
+    negatives_per_positive: float = Field(1.0, gt=0)
+    seed: int = 0
+
+
 class EvaluateParams(_Section):
     split: Literal["train", "val", "test"] = "test"
+    # Verification chooses its distance threshold here and applies it, unchanged, to `split`.
+    threshold_split: Literal["train", "val", "test"] = "val"
+    pairs: PairParams = PairParams()
     recall_k: list[int] = [1, 5, 10]
     # How many text queries to show with their top images in the report.
     n_examples: int = Field(4, ge=0, le=16)
@@ -128,6 +178,12 @@ class EvaluateParams(_Section):
         if not value or any(k < 1 for k in value):
             raise ValueError("must be a non-empty list of positive integers")
         return sorted(set(value))
+
+    @model_validator(mode="after")
+    def _threshold_not_tuned_on_test(self) -> "EvaluateParams":
+        if self.threshold_split == self.split:
+            raise ValueError(f"threshold_split must differ from split ('{self.split}'): a threshold tuned on the data it is scored on overstates accuracy")
+        return self
 
 
 class Params(_Section):

@@ -11,10 +11,11 @@ import typer
 from pipeline.datasets.base import DatasetError
 from pipeline.models import ModelError
 from pipeline.params import ParamsError
+from pipeline.predict import PredictError
 from pipeline.retrieval.faiss_index import IndexBuildError
 
 # Mistakes in params, data or paths: the message says what is wrong, a traceback would only hide it.
-USER_ERRORS = (ParamsError, DatasetError, ModelError, IndexBuildError, FileNotFoundError)
+USER_ERRORS = (ParamsError, DatasetError, ModelError, IndexBuildError, PredictError, FileNotFoundError)
 
 
 def user_errors_exit_cleanly(func: Callable) -> Callable:

@@ -11,8 +11,11 @@ import typer
 from pipeline import io, models, params as params_lib
 from pipeline.datasets import load_prepared
 from pipeline.training.clip import train_clip, validation_recall
+from pipeline.training.metric import train_siamese, train_triplet
 from pipeline.training.optim import seed_everything
 from pipeline.stage import stage_app
+
+TRAINERS = {"clip": train_clip, "siamese": train_siamese, "triplet": train_triplet}
 
 
 def main(
@@ -26,7 +29,7 @@ def main(
     seed_everything(params.train.seed)  # the initial weights of an untrained model depend on it
     loaded = models.create_model(params.model.name, params.model.pretrained, params.train.device)
     prepared = load_prepared(data)
-    info = {"method": params.train.method, "embed_dim": loaded.embed_dim, "trained_on": prepared.info["source"]}
+    info = {"method": params.train.method, "trained_on": prepared.info["source"]}
 
     if params.train.method == "none":
         # Weights as they are. A random init has no file to come back to, so it is saved.
@@ -36,13 +39,21 @@ def main(
         loss_rows = []
         val_rows = [] if val is None else [{"epoch": 0, **val}]
     else:
-        result = train_clip(loaded, prepared, params.train)
-        checkpoints = {
-            "best.pt": {"model": result.best_state, "epoch": result.best_epoch},
-            "last.pt": {"model": result.last_state, "epoch": params.train.epochs},
-        }
-        info.update(checkpoint="best.pt", best_epoch=result.best_epoch, epochs=params.train.epochs, notes=result.notes)
+        result = TRAINERS[params.train.method](loaded, prepared, params.train)
+        checkpoints = {"best.pt": result.best, "last.pt": result.last, **result.periodic}
+        info.update(
+            checkpoint="best.pt",
+            best_epoch=result.best_epoch,
+            epochs=params.train.epochs,
+            stopped_early_at=result.stopped_early_at,
+            notes=result.notes,
+        )
         loss_rows, val_rows = result.loss_rows, result.val_rows
+    info["embed_dim"] = loaded.embed_dim
+    if loaded.image_head is not None:
+        info["head_dim"] = loaded.embed_dim
+    # A projection head puts images in a space of their own: text prompts no longer compare.
+    info["image_text_aligned"] = loaded.image_head is None
     info["train_s"] = round(time.perf_counter() - start, 3)
 
     with io.atomic_dir(out) as tmp:
@@ -53,7 +64,8 @@ def main(
         if val_rows:
             pd.DataFrame(val_rows).to_csv(tmp / "val.csv", index=False)
     best = f", best epoch {info['best_epoch']}" if "best_epoch" in info else ""
-    final = f", val mean recall {val_rows[-1]['mean_recall']:.3f}" if val_rows else ""
+    score = next((k for k in ("mean_recall", "map_at_r") if val_rows and k in val_rows[-1]), None)
+    final = f", val {score} {val_rows[-1][score]:.3f}" if score else ""
     typer.echo(f"train {params.train.method}: {params.model.name}/{params.model.pretrained}{best}{final} in {info['train_s']:.0f}s -> {out}")
 
 

@@ -135,6 +135,21 @@ def stratified_splits(labels: Iterable[int], ratios: SplitRatios, seed: int) -> 
     return splits
 
 
+def class_disjoint_splits(labels: Iterable[int], ratios: SplitRatios, seed: int) -> np.ndarray:
+    """Split whole classes by ratio, so no class (identity) is in two splits."""
+    labels = np.asarray(list(labels))
+    classes = np.unique(labels)
+    class_split = dict(zip(classes, assign_splits(len(classes), ratios, np.random.default_rng(seed))))
+    return np.array([class_split[label] for label in labels], dtype=object)
+
+
+def split_images(labels: Iterable[int], params: DataParams) -> np.ndarray:
+    """The split of each image per `data.split_by`: stratified per image, or whole classes."""
+    if params.split_by == "class":
+        return class_disjoint_splits(labels, params.splits, params.seed)
+    return stratified_splits(labels, params.splits, params.seed)
+
+
 def cap_per_split(images: pd.DataFrame, max_per_split: Optional[int], seed: int) -> pd.DataFrame:
     """Keep at most `max_per_split` images of each split (seeded sample, stable order)."""
     if max_per_split is None:

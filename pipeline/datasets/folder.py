@@ -23,7 +23,7 @@ from pipeline.datasets.base import (
     class_entry,
     drop_unreadable,
     resolve_root,
-    stratified_splits,
+    split_images,
 )
 from pipeline.params import DataParams
 
@@ -58,7 +58,7 @@ def prepare(params: DataParams, out_dir: Path) -> PreparedDataset:
 
     images = pd.DataFrame(rows)
     images["image_id"] = _image_ids(images["path"])
-    images["split"] = stratified_splits(images["label"], params.splits, params.seed)
+    images["split"] = split_images(images["label"], params)
     rejections = Rejections(params.skip_bad_files)
     if params.check_images:
         images = drop_unreadable(images, root, rejections)

@@ -15,10 +15,11 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw
 
-from pipeline.datasets.base import PreparedDataset, class_entry, stratified_splits
+from pipeline.datasets.base import PreparedDataset, class_entry, split_images
 from pipeline.params import DataParams
 
-SHAPES = ["circle", "square", "triangle", "diamond", "star", "cross", "hexagon", "ring"]
+# The first `data.synthetic.n_classes` are used (8 by default; up to 12 for class-disjoint splits).
+SHAPES = ["circle", "square", "triangle", "diamond", "star", "cross", "hexagon", "ring", "pentagon", "semicircle", "crescent", "arrow"]
 COLOURS = {
     "red": (220, 40, 40),
     "green": (40, 170, 60),
@@ -77,6 +78,18 @@ def draw_shape(shape: str, colour: tuple, background: tuple, size: int, cx: floa
         draw.polygon(_polygon(cx, cy, r, 6, rotation=0.0), fill=colour)
     elif shape == "star":
         draw.polygon(_polygon(cx, cy, r, 5, inner=0.45), fill=colour)
+    elif shape == "pentagon":
+        draw.polygon(_polygon(cx, cy, r, 5), fill=colour)
+    elif shape == "semicircle":
+        draw.pieslice((cx - r, cy - r * 0.5, cx + r, cy + r * 1.5), 180, 360, fill=colour)
+    elif shape == "crescent":
+        draw.ellipse(box, fill=colour)
+        shift = r * 0.55
+        draw.ellipse((cx - r + shift, cy - r - shift * 0.3, cx + r + shift, cy + r - shift * 0.3), fill=background)
+    elif shape == "arrow":
+        w = r * 0.3
+        draw.rectangle((cx - r, cy - w, cx + r * 0.1, cy + w), fill=colour)
+        draw.polygon([(cx + r * 0.1, cy - r * 0.7), (cx + r, cy), (cx + r * 0.1, cy + r * 0.7)], fill=colour)
     elif shape == "cross":
         w = r * 0.35
         draw.rectangle((cx - r, cy - w, cx + r, cy + w), fill=colour)
@@ -122,7 +135,7 @@ def prepare(params: DataParams, out_dir: Path) -> PreparedDataset:
                 captions.append({"caption_id": f"{image_id}#{n}", "image_id": image_id, "caption": template.format(**words)})
 
     images = pd.DataFrame(images)
-    images["split"] = stratified_splits(images["label"], params.splits, params.seed)
+    images["split"] = split_images(images["label"], params)
     captions = pd.DataFrame(captions).merge(images[["image_id", "split"]], on="image_id")
     return PreparedDataset(
         source="synthetic",

@@ -8,7 +8,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from pipeline.metrics import verification as verification_metrics
 from pipeline.metrics.classification import chance_top1, top_k_accuracy, zero_shot_scores
+from pipeline.metrics.metric_learning import accuracy_at_r, self_excluded_neighbours
 from pipeline.metrics.retrieval import recall_at_k, recall_curve
 
 
@@ -85,3 +87,51 @@ def stage_timing(prepare_info: dict, embed_info: dict, index_info: dict) -> dict
         "index_s": index_info.get("index_s"),
     }
     return {k: v for k, v in recorded.items() if v is not None}
+
+
+def _labelled(images: pd.DataFrame, image_emb: np.ndarray, split: str) -> tuple[np.ndarray, np.ndarray]:
+    mask = ((images["split"] == split) & images["label"].notna()).to_numpy()
+    return image_emb[mask], images.loc[mask, "label"].to_numpy().astype(np.int64)
+
+
+def _has_pairs(labels: np.ndarray) -> bool:
+    counts = np.bincount(labels) if len(labels) else np.array([])
+    return (counts >= 2).any() and (counts > 0).sum() >= 2
+
+
+def verification(
+    images: pd.DataFrame, image_emb: np.ndarray, threshold_split: str, split: str, max_positive: int, negatives_per_positive: float, seed: int
+) -> TaskResult:
+    """Same/different by embedding distance: the threshold is chosen on `threshold_split` (max accuracy)
+    and applied unchanged to `split`, so the test score is never tuned on test."""
+    chosen_on, chosen_labels = _labelled(images, image_emb, threshold_split)
+    scored_on, scored_labels = _labelled(images, image_emb, split)
+    for name, labels in ((threshold_split, chosen_labels), (split, scored_labels)):
+        if not _has_pairs(labels):
+            return TaskResult(skipped(f"the '{name}' split needs 2+ labelled classes, one with 2+ images, to form same/different pairs"))
+
+    def distances(emb, labels):
+        i, j, same = verification_metrics.make_pairs(labels, negatives_per_positive, max_positive, seed)
+        return verification_metrics.pair_distances(emb, i, j), same
+
+    chosen_d, chosen_same = distances(chosen_on, chosen_labels)
+    threshold = verification_metrics.choose_threshold(chosen_d, chosen_same)
+    scored_d, scored_same = distances(scored_on, scored_labels)
+    metrics = verification_metrics.verification_metrics(scored_d, scored_same, threshold)
+    metrics["threshold_split"] = threshold_split
+    # Typical distances on the threshold split, for the confidence `clipline verify` reports.
+    metrics["mean_same_distance"] = float(chosen_d[chosen_same.astype(bool)].mean())
+    metrics["mean_different_distance"] = float(chosen_d[~chosen_same.astype(bool)].mean())
+    roc = verification_metrics.roc_points(scored_d, scored_same)
+    return TaskResult(metrics, extras={"distances": scored_d, "same": scored_same, "roc": roc})
+
+
+def metric_learning(images: pd.DataFrame, image_emb: np.ndarray, split: str) -> TaskResult:
+    """Each image of `split` queries the others (exact FAISS search, itself left out):
+    precision@1, R-precision and MAP@R as pytorch-metric-learning defines them."""
+    emb, labels = _labelled(images, image_emb, split)
+    if not _has_pairs(labels):
+        return TaskResult(skipped(f"the '{split}' split needs 2+ labelled classes, one with 2+ images"))
+    relevant = np.bincount(labels)[labels] - 1
+    neighbour_labels, relevant = self_excluded_neighbours(emb, labels, k=int(relevant.max()))
+    return TaskResult(accuracy_at_r(neighbour_labels, labels, relevant))

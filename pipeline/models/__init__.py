@@ -54,9 +54,18 @@ class LoadedModel:
     name: str
     pretrained: str
     device: torch.device
+    # Metric learning (triplet) maps image features through a head into its own space.
+    image_head: Optional[torch.nn.Module] = None
 
     @property
     def embed_dim(self) -> int:
+        """Dimension of the image embeddings this model produces (the head's, when it has one)."""
+        if self.image_head is not None:
+            return int(self.image_head.proj.out_features)
+        return self.tower_dim
+
+    @property
+    def tower_dim(self) -> int:
         return int(open_clip.get_model_config(self.name)["embed_dim"])
 
 
@@ -160,5 +169,11 @@ def load_trained(model_dir: str | Path = "artifacts/model", device: str = "auto"
     if checkpoint:
         state = torch.load(model_dir / checkpoint, map_location=loaded.device, weights_only=True)
         loaded.model.load_state_dict(state["model"])
+        if "head" in state:
+            from pipeline.models.heads import ProjectionHead
+
+            loaded.image_head = ProjectionHead(loaded.tower_dim, info["head_dim"]).to(loaded.device)
+            loaded.image_head.load_state_dict(state["head"])
+            loaded.image_head.eval()
     loaded.model.eval()
     return loaded, info

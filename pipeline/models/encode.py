@@ -51,6 +51,12 @@ def image_loader(paths: Sequence, transform: Callable, batch_size: int, num_work
     )
 
 
+def image_features(loaded: LoadedModel, images: torch.Tensor) -> torch.Tensor:
+    """Unnormalised image embeddings: the tower's output, through the head when there is one."""
+    features = loaded.model.encode_image(images)
+    return features if loaded.image_head is None else loaded.image_head(features)
+
+
 @torch.inference_mode()
 def encode_image_batches(loaded: LoadedModel, batches, desc: str = "images") -> np.ndarray:
     """Encode an iterable of image tensors (B, 3, H, W)."""
@@ -58,7 +64,7 @@ def encode_image_batches(loaded: LoadedModel, batches, desc: str = "images") -> 
     out = []
     for batch in tqdm(batches, desc=desc, leave=False, disable=None):
         with autocast(device):
-            features = model.encode_image(batch.to(device, non_blocking=True))
+            features = image_features(loaded, batch.to(device, non_blocking=True))
         out.append(F.normalize(features.float(), dim=-1).cpu())
     if not out:
         return np.zeros((0, loaded.embed_dim), dtype=np.float32)

@@ -30,15 +30,19 @@ def training_curve(loss: pd.DataFrame | None, val: pd.DataFrame | None, path: Pa
         return False
     fig, (ax_loss, ax_val) = plt.subplots(1, 2, figsize=(10, 3.5))
     if loss is not None and not loss.empty:
-        ax_loss.plot(loss["epoch"], loss["loss"], marker=".")
-        ax_loss.set(title="training loss", xlabel="epoch", ylabel="loss")
+        ax_loss.plot(loss["epoch"], loss["loss"], marker=".", label="train")
+        if "val_loss" in loss:
+            ax_loss.plot(loss["epoch"], loss["val_loss"], marker=".", label="validation")
+            ax_loss.legend(fontsize=8)
+        ax_loss.set(title="loss", xlabel="epoch", ylabel="loss")
     else:
         ax_loss.text(0.5, 0.5, "no training (method: none)", ha="center", va="center")
         ax_loss.set_axis_off()
     if val is not None and not val.empty:
-        for column in [c for c in val.columns if c.endswith("R@5")] + ["mean_recall"]:
+        shown = [c for c in val.columns if c.endswith("R@5") or c in ("mean_recall", "precision_at_1", "map_at_r")]
+        for column in shown:
             ax_val.plot(val["epoch"], val[column], marker=".", label=column)
-        ax_val.set(title="validation recall", xlabel="epoch", ylim=(0, 1.02))
+        ax_val.set(title="validation", xlabel="epoch", ylim=(0, 1.02))
         ax_val.legend(fontsize=8)
     else:
         ax_val.set_axis_off()
@@ -90,3 +94,56 @@ def confusion(labels: np.ndarray, predicted: np.ndarray, class_names: list[str],
     )
     ax.set_title("zero-shot confusion")
     _save(fig, path)
+
+
+def distance_histograms(distances: np.ndarray, same: np.ndarray, threshold: float, path: Path) -> None:
+    """Pair distances of same-class and different-class pairs, overlaid, with the decision threshold."""
+    distances, same = np.asarray(distances, dtype=np.float64), np.asarray(same).astype(bool)
+    bins = np.histogram_bin_edges(distances, bins=40)  # shared bins, so the two shapes line up
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    # Densities, so the overlap reads correctly even when there are more negatives than positives.
+    ax.hist(distances[same], bins=bins, density=True, alpha=0.55, color="tab:green", label=f"same class ({same.sum()})")
+    ax.hist(distances[~same], bins=bins, density=True, alpha=0.55, color="tab:red", label=f"different class ({(~same).sum()})")
+    ax.axvline(threshold, color="black", linestyle="--", label=f"threshold {threshold:.3f}")
+    ax.set(title="pair distances", xlabel="Euclidean distance", ylabel="density")
+    ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def roc_curve_plot(fpr: Sequence[float], tpr: Sequence[float], auc: float, eer: float, path: Path) -> None:
+    """ROC of same-vs-different (score: -distance), with chance and the equal-error-rate point."""
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    ax.plot(fpr, tpr, label=f"ROC (AUC {auc:.3f})")
+    ax.plot([0, 1], [0, 1], color="gray", linestyle=":", label="chance")
+    ax.plot([eer], [1 - eer], "o", color="tab:red", label=f"EER {eer:.3f}")  # FPR == FNR = 1 - TPR
+    ax.set(title="verification ROC", xlabel="false positive rate", ylabel="true positive rate", xlim=(0, 1), ylim=(0, 1.02))
+    ax.set_aspect("equal")
+    ax.legend(fontsize=8, loc="lower right")
+    _save(fig, path)
+
+
+def verification_confusion(confusion: dict, path: Path) -> None:
+    """2x2 confusion of verification: rows actual different/same, columns predicted."""
+    matrix = np.array([[confusion["tn"], confusion["fp"]], [confusion["fn"], confusion["tp"]]])
+    fig, ax = plt.subplots(figsize=(3.8, 3.3))
+    ConfusionMatrixDisplay(confusion_matrix=matrix, display_labels=["different", "same"]).plot(
+        ax=ax, colorbar=False, values_format="d"
+    )
+    ax.set_title("verification confusion")
+    _save(fig, path)
+
+
+def contact_sheet(query: Path, hits: pd.DataFrame, path: Path) -> None:
+    """The query image, then its neighbours left to right with rank, score and class."""
+    fig, axes = plt.subplots(1, len(hits) + 1, figsize=(1.8 * (len(hits) + 1), 2.2), squeeze=False)
+    axes = axes[0]
+    axes[0].imshow(load_rgb(query))
+    axes[0].set_title("query", fontsize=8)
+    for ax, hit in zip(axes[1:], hits.itertuples()):
+        ax.imshow(load_rgb(hit.full_path))
+        label = "" if pd.isna(hit.class_name) else f"\n{hit.class_name}"
+        ax.set_title(f"#{hit.Index + 1} {hit.score:.3f}{label}", fontsize=7)
+    for ax in axes:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    _save(fig, Path(path))

@@ -22,8 +22,27 @@ def _section(title: str, block: dict, keys: list[str] | None = None) -> str:
     return f"## {title}\n\n{_table([(k, block[k]) for k in keys if k in block])}\n"
 
 
-def render(metrics: dict, figures: dict[str, str]) -> str:
-    """`figures` maps a figure's role to its path relative to reports/."""
+def methods_table(methods: dict) -> str:
+    """The rows of reports/methods.json (bench/compare_methods.py) side by side."""
+    rows = methods.get("rows", [])
+    if not rows:
+        return ""
+    keys = [k for k in rows[0] if k != "method"]
+    lines = [
+        "## Methods compared",
+        "",
+        f"From `{methods.get('generated_by', 'bench/compare_methods.py')}` ({methods.get('date', '')}), each method trained and "
+        f"evaluated with these overrides of params.yaml: `{' '.join(methods.get('overrides', []))}`.",
+        "",
+        "| method | " + " | ".join(keys) + " |",
+        "| --- |" + " ---: |" * len(keys),
+    ]
+    lines += [f"| {row['method']} | " + " | ".join(_fmt(row.get(k)) for k in keys) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def render(metrics: dict, figures: dict[str, str], methods: dict | None = None) -> str:
+    """`figures` maps a figure's role to its path relative to reports/; `methods` is reports/methods.json."""
     model, data = metrics["model"], metrics["dataset"]
     parts = [
         "# Evaluation report",
@@ -64,9 +83,35 @@ def render(metrics: dict, figures: dict[str, str]) -> str:
                 f"framed in green, scores are cosine similarities.\n\n![text-to-image retrieval examples]({figures['examples']})\n"
             )
 
+    verification = metrics.get("verification", {"skipped": "not evaluated"})
+    parts.append(
+        _section(
+            "Verification (same / different class)",
+            verification,
+            ["threshold", "threshold_split", "accuracy", "precision", "recall", "f1", "roc_auc", "eer", "n_pairs"],
+        )
+    )
+    if "skipped" not in verification:
+        c = verification["confusion"]
+        parts += [
+            f"The distance threshold was chosen on the `{verification['threshold_split']}` split (maximum accuracy) "
+            f"and applied unchanged to `{data['split']}`. Pairs: same when distance <= threshold.",
+            "",
+            "| actual \\ predicted | different | same |",
+            "| --- | ---: | ---: |",
+            f"| different | {c['tn']} | {c['fp']} |",
+            f"| same | {c['fn']} | {c['tp']} |",
+            "",
+        ]
+        parts += [f"![{alt}]({figures[role]})\n" for role, alt in (("distances", "pair distance histograms"), ("roc", "ROC curve")) if role in figures]
+    parts.append(
+        _section("Retrieval within the image set", metrics.get("metric_learning", {"skipped": "not evaluated"}), ["precision_at_1", "r_precision", "map_at_r", "n_queries"])
+    )
     parts.append(_section("Index", metrics["index"], ["factory", "metric", "n", "dim", "recall@10", "qps", "build_s"]))
     parts.append("Recall@10 here is the share of exact-search top-10 neighbours the index returns.\n")
     if "training_curve" in figures:
         parts += ["## Training", "", f"![training curves]({figures['training_curve']})", ""]
+    if methods:
+        parts.append(methods_table(methods))
     parts.append(_section("Timing (seconds per stage)", metrics["timing"]))
     return "\n".join(parts)

@@ -7,10 +7,8 @@ Sources without captions train on class prompts (template x class name), as FLYP
 
 from __future__ import annotations
 
-import copy
 import math
 import time
-from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -25,7 +23,8 @@ from pipeline.metrics.retrieval import recall_at_k
 from pipeline.models import LoadedModel
 from pipeline.models.encode import autocast, encode_image_batches, encode_texts, image_loader
 from pipeline.params import TrainParams
-from pipeline.training.optim import cosine_with_warmup, param_groups, seed_everything
+from pipeline.training.checkpoints import TrainResult, snapshot
+from pipeline.training.optim import build_optimizer, cosine_with_warmup, param_groups, seed_everything
 
 MAX_LOGIT_SCALE = math.log(100)  # CLIP clamps the temperature so logits stay <= 100
 
@@ -63,16 +62,6 @@ class ImageCaptionPairs(Dataset):
         return self.transform(load_rgb(self.paths[index])), self.tokens[self.first[index] + pick]
 
 
-@dataclass
-class TrainResult:
-    best_state: dict
-    last_state: dict
-    best_epoch: int
-    loss_rows: list[dict] = field(default_factory=list)
-    val_rows: list[dict] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-
-
 def validation_recall(loaded: LoadedModel, prepared: Prepared, split: str = "val", batch_size: int = 256) -> dict | None:
     """Recall@1/5/10 both ways on one split, plus their mean (the model-selection score)."""
     images, captions = captions_by_image(prepared, split)
@@ -106,11 +95,11 @@ def train_clip(loaded: LoadedModel, prepared: Prepared, params: TrainParams) -> 
         generator=torch.Generator().manual_seed(params.seed),
         persistent_workers=params.num_workers > 0,
     )
-    optimizer = torch.optim.AdamW(param_groups(model, params.weight_decay), lr=params.lr, betas=(0.9, 0.98), eps=1e-6)
+    optimizer = build_optimizer(param_groups(model, params.weight_decay), params.optimizer, params.lr)
     scheduler = cosine_with_warmup(optimizer, params.epochs * len(loader), params.warmup_fraction)
     loss_fn = ClipLoss()
 
-    result = TrainResult(best_state={}, last_state={}, best_epoch=0)
+    result = TrainResult(best={}, last={}, best_epoch=0)
     best_score = -1.0
     val = validation_recall(loaded, prepared)
     if val is None:
@@ -148,12 +137,10 @@ def train_clip(loaded: LoadedModel, prepared: Prepared, params: TrainParams) -> 
             result.val_rows.append({"epoch": epoch, **row})
             if row["mean_recall"] > best_score:
                 best_score, result.best_epoch = row["mean_recall"], epoch
-                result.best_state = _cpu_copy(model.state_dict())
-    result.last_state = _cpu_copy(model.state_dict())
+                result.best = snapshot(model, epoch)
+        if params.checkpoint_every and epoch % params.checkpoint_every == 0:
+            result.periodic[f"epoch-{epoch:04d}.pt"] = snapshot(model, epoch)
+    result.last = snapshot(model, params.epochs)
     if val is None:
-        result.best_state, result.best_epoch = result.last_state, params.epochs
+        result.best, result.best_epoch = result.last, params.epochs
     return result
-
-
-def _cpu_copy(state: dict) -> dict:
-    return {k: v.detach().to("cpu", copy=True) for k, v in copy.copy(state).items()}

@@ -26,6 +26,17 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def build_optimizer(groups: list[dict], name: str, lr: float) -> torch.optim.Optimizer:
+    """`train.optimizer`: adamw (CLIP's betas), adam, or sgd with Nesterov momentum."""
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), eps=1e-6)
+    if name == "adam":
+        return torch.optim.Adam(groups, lr=lr)
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=0.9, nesterov=True)
+    raise ValueError(f"train.optimizer: unknown optimizer {name!r} (adamw, adam, sgd)")
+
+
 def cosine_with_warmup(optimizer: torch.optim.Optimizer, total_steps: int, warmup_fraction: float):
     """Linear warmup to the base LR, then cosine decay to zero."""
     warmup = int(total_steps * warmup_fraction)

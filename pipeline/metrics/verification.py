@@ -1,0 +1,192 @@
+"""Same/different verification on embedding pairs: is this pair of images one class or two?
+
+A pair is predicted "same" when the Euclidean distance of its embeddings is <= a threshold.
+The threshold is fitted with `choose_threshold` on the validation split's pairs and then applied
+unchanged to the test split's pairs by the caller (`pipeline.metrics.tasks.verification`), so the
+reported test accuracy is never tuned on test.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.metrics import (
+    accuracy_score,
+    confusion_matrix,
+    precision_recall_fscore_support,
+    roc_auc_score,
+    roc_curve,
+)
+
+_CHUNK = 65_536  # pairs per distance block, so (pairs, dim) copies stay small
+
+
+def _triangle(linear: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Linear index -> (a, b), a < b, with pairs listed as (0,1), (0,2), (1,2), (0,3), ...
+
+    Ordered by b, the block of b starts at b(b-1)/2 whatever the set size, so one formula
+    decodes pairs of every class; the two corrections fix float rounding of the square root.
+    """
+    b = np.floor((1 + np.sqrt(1 + 8 * linear.astype(np.float64))) / 2).astype(np.int64)
+    b = np.where(b * (b - 1) // 2 > linear, b - 1, b)
+    b = np.where((b + 1) * b // 2 <= linear, b + 1, b)
+    return linear - b * (b - 1) // 2, b
+
+
+def _sample(rng: np.random.Generator, total: int, wanted: int) -> np.ndarray:
+    """`wanted` distinct indices of range(total), sorted; all of them when wanted >= total."""
+    if wanted >= total:
+        return np.arange(total, dtype=np.int64)
+    # Without replacement and without shuffling numpy samples in O(wanted) when wanted << total.
+    return np.sort(rng.choice(total, size=wanted, replace=False, shuffle=False)).astype(np.int64)
+
+
+def _ordered(i: np.ndarray, j: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    order = np.lexsort((j, i))
+    return i[order], j[order]
+
+
+def make_pairs(
+    labels: np.ndarray, n_negative_per_positive: float = 1.0, max_positive: int | None = None, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Index pairs (i, j, same) with i < j: positives first, then negatives, each sorted by (i, j).
+
+    Positives are all same-label pairs, or a seeded sample of `max_positive` of them.
+    Negatives are round(positives * n_negative_per_positive) distinct different-label pairs
+    (all of them if fewer exist). Both are drawn as distinct linear indices into the set of
+    such pairs, so there are no duplicates and nothing is enumerated that is not returned.
+    """
+    labels = np.asarray(labels)
+    if labels.ndim != 1:
+        raise ValueError(f"labels must be 1-D, got shape {labels.shape}")
+    if n_negative_per_positive < 0:
+        raise ValueError(f"n_negative_per_positive must be >= 0, got {n_negative_per_positive}")
+    if max_positive is not None and max_positive < 1:
+        raise ValueError(f"max_positive must be >= 1 (or None for all), got {max_positive}")
+    _, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
+    counts = counts.astype(np.int64)
+    # Images grouped by class, ascending within a class (stable sort), so a < b gives i < j.
+    members = np.argsort(inverse, kind="stable").astype(np.int64)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    ends = starts + counts
+
+    positive_per_class = counts * (counts - 1) // 2
+    n_positive_total = int(positive_per_class.sum())
+    if n_positive_total == 0:
+        raise ValueError("verification needs at least two images of one class (no same-class pairs)")
+    # Class c paired with every image of a later class: each different-class pair exactly once.
+    negative_per_class = counts * (len(labels) - ends)
+    n_negative_total = int(negative_per_class.sum())
+    if n_negative_total == 0:
+        raise ValueError("verification needs images of at least two classes (no different-class pairs)")
+
+    rng = np.random.default_rng(seed)
+    wanted = n_positive_total if max_positive is None else min(max_positive, n_positive_total)
+    linear = _sample(rng, n_positive_total, wanted)
+    cls = np.searchsorted(np.cumsum(positive_per_class), linear, side="right")
+    a, b = _triangle(linear - (np.cumsum(positive_per_class) - positive_per_class)[cls])
+    pos_i, pos_j = _ordered(members[starts[cls] + a], members[starts[cls] + b])
+
+    wanted = min(int(round(len(pos_i) * n_negative_per_positive)), n_negative_total)
+    linear = _sample(rng, n_negative_total, wanted)
+    cls = np.searchsorted(np.cumsum(negative_per_class), linear, side="right")
+    local = linear - (np.cumsum(negative_per_class) - negative_per_class)[cls]
+    later = len(labels) - ends[cls]  # images of the classes after cls
+    x, y = members[starts[cls] + local // later], members[ends[cls] + local % later]
+    neg_i, neg_j = _ordered(np.minimum(x, y), np.maximum(x, y))
+
+    same = np.concatenate([np.ones(len(pos_i), dtype=bool), np.zeros(len(neg_i), dtype=bool)])
+    return np.concatenate([pos_i, neg_i]), np.concatenate([pos_j, neg_j]), same
+
+
+def pair_distances(embeddings: np.ndarray, i: np.ndarray, j: np.ndarray) -> np.ndarray:
+    """Euclidean distance of each pair (embeddings[i], embeddings[j]), float64."""
+    i, j = np.asarray(i, dtype=np.int64), np.asarray(j, dtype=np.int64)
+    if i.shape != j.shape:
+        raise ValueError(f"i and j differ in shape: {i.shape} vs {j.shape}")
+    out = np.empty(len(i), dtype=np.float64)
+    for start in range(0, len(i), _CHUNK):
+        block = slice(start, start + _CHUNK)
+        diff = embeddings[i[block]].astype(np.float64) - embeddings[j[block]].astype(np.float64)
+        out[block] = np.sqrt(np.einsum("ij,ij->i", diff, diff))
+    return out
+
+
+def _checked(distances, same) -> tuple[np.ndarray, np.ndarray]:
+    distances = np.asarray(distances, dtype=np.float64)
+    same = np.asarray(same).astype(bool)
+    if distances.ndim != 1 or distances.shape != same.shape:
+        raise ValueError(f"distances {distances.shape} and same {same.shape} must be matching 1-D arrays")
+    if len(distances) == 0:
+        raise ValueError("no pairs to evaluate")
+    if not np.isfinite(distances).all():
+        raise ValueError("distances contain NaN or inf (check the embeddings)")
+    return distances, same
+
+
+def choose_threshold(distances: np.ndarray, same: np.ndarray) -> float:
+    """The threshold t (same when distance <= t) with the highest accuracy on these pairs.
+
+    Candidates are midpoints between consecutive distinct sorted distances, plus one below the
+    minimum and one above the maximum (half the mean gap outside the range). Ties in accuracy go
+    to the midpoint of the widest gap, i.e. the largest margin to the nearest pairs on either side;
+    the two outer candidates only win when no midpoint ties with them.
+    """
+    distances, same = _checked(distances, same)
+    order = np.argsort(distances, kind="stable")
+    d, s = distances[order], same[order]
+    last_of_value = np.flatnonzero(np.append(d[1:] != d[:-1], True))  # last index of each distinct value
+    values = d[last_of_value]
+    same_at_or_below = np.cumsum(s)[last_of_value]
+    different_at_or_below = (last_of_value + 1) - same_at_or_below
+    n_different = int((~s).sum())
+    # Correct predictions (integers, so ties are exact) for "same iff distance <= value[k]",
+    # preceded by the below-minimum candidate, which calls every pair different.
+    correct = np.concatenate([[n_different], same_at_or_below + (n_different - different_at_or_below)])
+
+    gaps = np.diff(values)
+    outside = 0.5 * (values[-1] - values[0]) / len(gaps) if len(gaps) else 0.5
+    thresholds = np.concatenate([[values[0] - outside], values[:-1] + gaps / 2, [values[-1] + outside]])
+    margins = np.concatenate([[-np.inf], gaps, [-np.inf]])
+    best = np.flatnonzero(correct == correct.max())
+    return float(thresholds[best[np.argmax(margins[best])]])
+
+
+def _eer(fpr: np.ndarray, tpr: np.ndarray) -> float:
+    """Equal error rate: where FPR == FNR (= 1 - TPR), linear between the bracketing ROC points."""
+    gap = fpr - (1 - tpr)  # rises from -1 at (0, 0) to +1 at (1, 1)
+    k = int(np.argmax(gap >= 0))
+    if gap[k] == 0 or k == 0:
+        return float(fpr[k])
+    t = -gap[k - 1] / (gap[k] - gap[k - 1])
+    return float(fpr[k - 1] + t * (fpr[k] - fpr[k - 1]))
+
+
+def verification_metrics(distances: np.ndarray, same: np.ndarray, threshold: float) -> dict:
+    """Accuracy, precision/recall/F1 of "same", ROC AUC and EER at a fixed threshold; JSON-ready."""
+    distances, same = _checked(distances, same)
+    if same.all() or not same.any():
+        raise ValueError("verification metrics need both same-class and different-class pairs")
+    predicted = distances <= threshold
+    precision, recall, f1, _ = precision_recall_fscore_support(same, predicted, average="binary", zero_division=0)
+    tn, fp, fn, tp = confusion_matrix(same, predicted, labels=[False, True]).ravel()
+    score = -distances  # sklearn wants "higher means positive"
+    fpr, tpr, _ = roc_curve(same, score)
+    return {
+        "threshold": float(threshold),
+        "accuracy": float(accuracy_score(same, predicted)),
+        "precision": float(precision),
+        "recall": float(recall),
+        "f1": float(f1),
+        "roc_auc": float(roc_auc_score(same, score)),
+        "eer": _eer(fpr, tpr),
+        "n_pairs": int(len(distances)),
+        "n_positive": int(same.sum()),
+        "confusion": {"tn": int(tn), "fp": int(fp), "fn": int(fn), "tp": int(tp)},
+    }
+
+
+def roc_points(distances: np.ndarray, same: np.ndarray) -> dict[str, list[float]]:
+    """ROC curve of the score -distance, as fpr/tpr lists for a plot."""
+    distances, same = _checked(distances, same)
+    fpr, tpr, _ = roc_curve(same, -distances)
+    return {"fpr": fpr.tolist(), "tpr": tpr.tolist()}

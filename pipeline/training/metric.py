@@ -1,0 +1,299 @@
+"""Metric learning on the image tower: Siamese (contrastive loss on pairs) and triplet (projection
+head, online-mined triplets from P x K class-balanced batches).
+
+Both embed images L2-normalised, so Euclidean distances lie in [0, 2]. Validation loss after each
+epoch drives early stopping and picks the best checkpoint; validation precision@1 and MAP@R are
+logged beside it. The text tower is not trained.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Callable, Optional
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms
+from tqdm.auto import tqdm
+
+from pipeline.datasets import Prepared
+from pipeline.datasets.base import load_rgb
+from pipeline.metrics.metric_learning import accuracy_at_r, self_excluded_neighbours
+from pipeline.metrics.verification import make_pairs
+from pipeline.models import LoadedModel
+from pipeline.models.encode import autocast, encode_image_batches, image_features, image_loader
+from pipeline.models.heads import ProjectionHead, tower_blocks, unfreeze_last_blocks
+from pipeline.params import TrainParams
+from pipeline.training.checkpoints import TrainResult, snapshot
+from pipeline.training.losses import contrastive_loss, pair_distance, triplet_margin_loss
+from pipeline.training.miners import mine_triplets
+from pipeline.training.optim import build_optimizer, cosine_with_warmup, seed_everything
+from pipeline.training.samplers import PKBatchSampler, sample_pairs
+
+MAX_VAL_IMAGES = 2000  # validation mines over all pairs of val images: O(n^2) memory
+
+
+def augmented(preprocess: Callable, augment: bool) -> Callable:
+    """Horizontal flip and brightness/contrast jitter in front of the model's own preprocessing."""
+    if not augment:
+        return preprocess
+    return transforms.Compose([transforms.RandomHorizontalFlip(), transforms.ColorJitter(brightness=0.3, contrast=0.3), preprocess])
+
+
+class LabelledImages(Dataset):
+    def __init__(self, paths, labels, transform):
+        self.paths, self.labels, self.transform = list(paths), np.asarray(labels), transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int):
+        return self.transform(load_rgb(self.paths[index])), int(self.labels[index])
+
+
+class ImagePairs(Dataset):
+    def __init__(self, paths, first, second, same, transform):
+        self.paths, self.first, self.second, self.same, self.transform = list(paths), first, second, same, transform
+
+    def __len__(self) -> int:
+        return len(self.first)
+
+    def __getitem__(self, index: int):
+        a, b = self.first[index], self.second[index]
+        return self.transform(load_rgb(self.paths[a])), self.transform(load_rgb(self.paths[b])), float(self.same[index])
+
+
+def labelled_split(prepared: Prepared, split: str, limit: Optional[int] = None, seed: int = 0) -> pd.DataFrame:
+    images = prepared.images[(prepared.images["split"] == split) & prepared.images["label"].notna()]
+    if limit is not None and len(images) > limit:
+        images = images.sample(n=limit, random_state=seed)
+    return images.reset_index(drop=True)
+
+
+def embed(loaded: LoadedModel, images: torch.Tensor) -> torch.Tensor:
+    """L2-normalised embeddings with gradients (training); the head is applied when present."""
+    return F.normalize(image_features(loaded, images).float(), dim=-1)
+
+
+class Validator:
+    """Validation loss (for early stopping / best checkpoint) and retrieval quality on the val split."""
+
+    def __init__(self, loaded: LoadedModel, prepared: Prepared, params: TrainParams, batch_size: int = 256):
+        self.loaded, self.params = loaded, params
+        self.images = labelled_split(prepared, "val", MAX_VAL_IMAGES, params.seed)
+        self.labels = self.images["label"].to_numpy().astype(np.int64)
+        self.loader = image_loader(prepared.image_paths(self.images), loaded.preprocess, batch_size)
+        counts = np.bincount(self.labels) if len(self.labels) else np.zeros(0, dtype=int)
+        # Needs a same-class pair and a different-class pair to measure anything.
+        self.usable = (counts >= 2).any() and (counts > 0).sum() >= 2
+        if self.usable and params.method == "siamese":
+            # Fixed pairs, so epochs are compared on the same validation task.
+            self.pairs = make_pairs(self.labels, seed=params.seed)
+
+    def __call__(self) -> dict:
+        self.loaded.model.eval()
+        if self.loaded.image_head is not None:
+            self.loaded.image_head.eval()
+        emb = torch.from_numpy(encode_image_batches(self.loaded, self.loader, desc="val images"))
+        labels = torch.from_numpy(self.labels)
+        if self.params.method == "siamese":
+            i, j, same = (torch.from_numpy(np.asarray(a)) for a in self.pairs)
+            loss = contrastive_loss(pair_distance(emb[i], emb[j]), same.float(), self.params.siamese.margin)
+        else:
+            # Batch-hard over the whole val set: one triplet per anchor, O(n^2) memory, and the
+            # same every epoch ("all" triplets would grow as n^3).
+            a, p, n = mine_triplets(emb, labels, "batch_hard", self.params.triplet.margin)
+            loss = triplet_margin_loss(emb, a, p, n, self.params.triplet.margin)
+        counts = np.bincount(self.labels)[self.labels] - 1
+        neighbour_labels, relevant = self_excluded_neighbours(emb.numpy(), self.labels, k=int(max(counts.max(), 1)))
+        quality = accuracy_at_r(neighbour_labels, self.labels, relevant)
+        return {"val_loss": float(loss), "precision_at_1": quality["precision_at_1"], "map_at_r": quality["map_at_r"]}
+
+
+class EarlyStopping:
+    """Best = lowest validation loss; stop after `patience` validations without an improvement > min_delta."""
+
+    def __init__(self, patience: int, min_delta: float):
+        self.patience, self.min_delta = patience, min_delta
+        self.best = math.inf
+        self.bad_rounds = 0
+
+    def improved(self, loss: float) -> bool:
+        if loss < self.best - self.min_delta:
+            self.best, self.bad_rounds = loss, 0
+            return True
+        self.bad_rounds += 1
+        return False
+
+    @property
+    def should_stop(self) -> bool:
+        return self.patience > 0 and self.bad_rounds >= self.patience
+
+
+def _run_epochs(
+    loaded: LoadedModel,
+    params: TrainParams,
+    epochs: range,
+    make_batches: Callable[[int], DataLoader],
+    step_loss: Callable[[tuple], torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    total_steps: int,
+    validator: Validator,
+    stopper: EarlyStopping,
+    result: TrainResult,
+    set_train_mode: Callable[[], None],
+) -> bool:
+    """Shared epoch loop; returns False when early stopping ended training."""
+    scheduler = cosine_with_warmup(optimizer, total_steps, params.warmup_fraction)
+    trainable = [p for group in optimizer.param_groups for p in group["params"]]
+    for epoch in epochs:
+        set_train_mode()
+        start, losses = time.perf_counter(), []
+        for batch in tqdm(make_batches(epoch), desc=f"epoch {epoch}/{params.epochs}", leave=False, disable=None):
+            with autocast(loaded.device):
+                loss = step_loss(batch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(trainable, 5.0)
+            optimizer.step()
+            scheduler.step()
+            losses.append(loss.item())
+        row = {"epoch": epoch, "loss": float(np.mean(losses)) if losses else float("nan"), "lr": scheduler.get_last_lr()[0]}
+        row["epoch_s"] = round(time.perf_counter() - start, 3)
+        if validator.usable and (epoch % params.val_every == 0 or epoch == params.epochs):
+            val = validator()
+            row["val_loss"] = val["val_loss"]
+            result.val_rows.append({"epoch": epoch, **val})
+            if stopper.improved(val["val_loss"]):
+                result.best, result.best_epoch = snapshot(loaded.model, epoch, loaded.image_head), epoch
+        result.loss_rows.append(row)
+        if params.checkpoint_every and epoch % params.checkpoint_every == 0:
+            result.periodic[f"epoch-{epoch:04d}.pt"] = snapshot(loaded.model, epoch, loaded.image_head)
+        if stopper.should_stop:
+            result.stopped_early_at = epoch
+            result.notes.append(f"early stopping at epoch {epoch}: no val_loss improvement > {params.min_delta} for {params.patience} validations")
+            return False
+    return True
+
+
+def _finish(loaded: LoadedModel, params: TrainParams, result: TrainResult, validator: Validator, last_epoch: int) -> TrainResult:
+    result.last = snapshot(loaded.model, last_epoch, loaded.image_head)
+    if not validator.usable:
+        result.notes.append("no usable val split (needs 2+ labelled classes): the best checkpoint is the last one")
+        result.best, result.best_epoch = result.last, last_epoch
+    return result
+
+
+def _training_images(prepared: Prepared) -> pd.DataFrame:
+    images = labelled_split(prepared, "train")
+    if images["label"].nunique() < 2:
+        raise ValueError("metric learning needs labelled train images of at least two classes; the prepared data has fewer")
+    return images
+
+
+def train_siamese(loaded: LoadedModel, prepared: Prepared, params: TrainParams) -> TrainResult:
+    seed_everything(params.seed)
+    model, device, cfg = loaded.model, loaded.device, params.siamese
+    images = _training_images(prepared)
+    paths, labels = prepared.image_paths(images), images["label"].to_numpy().astype(np.int64)
+    transform = augmented(loaded.preprocess, params.augment)
+    rng = np.random.default_rng(params.seed)
+
+    # Only the image tower learns; the text tower is left as it was.
+    for param in model.parameters():
+        param.requires_grad_(False)
+    for param in model.visual.parameters():
+        param.requires_grad_(True)
+    optimizer = build_optimizer([{"params": list(model.visual.parameters()), "weight_decay": params.weight_decay}], params.optimizer, params.lr)
+    pairs_per_epoch = cfg.samples_per_class * len(np.unique(labels))
+    steps = math.ceil(pairs_per_epoch / params.batch_size) * params.epochs
+
+    def make_batches(epoch: int) -> DataLoader:
+        first, second, same = sample_pairs(labels, cfg.samples_per_class, cfg.positive_ratio, rng)
+        return DataLoader(
+            ImagePairs(paths, first, second, same, transform),
+            batch_size=params.batch_size,
+            shuffle=True,
+            num_workers=params.num_workers,
+            generator=torch.Generator().manual_seed(params.seed + epoch),
+        )
+
+    def step_loss(batch) -> torch.Tensor:
+        a, b, same = (t.to(device, non_blocking=True) for t in batch)
+        both = embed(loaded, torch.cat([a, b]))  # one forward pass for both sides
+        return contrastive_loss(pair_distance(both[: len(a)], both[len(a) :]), same.float(), cfg.margin)
+
+    validator = Validator(loaded, prepared, params)
+    result = TrainResult(best={}, last={}, best_epoch=0)
+    stopper = EarlyStopping(params.patience, params.min_delta)
+    finished = _run_epochs(
+        loaded, params, range(1, params.epochs + 1), make_batches, step_loss, optimizer, steps, validator, stopper, result, model.train
+    )
+    return _finish(loaded, params, result, validator, params.epochs if finished else result.stopped_early_at)
+
+
+def train_triplet(loaded: LoadedModel, prepared: Prepared, params: TrainParams) -> TrainResult:
+    seed_everything(params.seed)
+    model, device, cfg = loaded.model, loaded.device, params.triplet
+    images = _training_images(prepared)
+    paths, labels = prepared.image_paths(images), images["label"].to_numpy().astype(np.int64)
+    dataset = LabelledImages(paths, labels, augmented(loaded.preprocess, params.augment))
+    sampler = PKBatchSampler(labels, cfg.classes_per_batch, cfg.images_per_class, params.seed)
+    loaded.image_head = ProjectionHead(loaded.tower_dim, cfg.head_dim).to(device)
+    for param in model.parameters():
+        param.requires_grad_(False)
+
+    def make_batches(epoch: int) -> DataLoader:
+        sampler.set_epoch(epoch)
+        return DataLoader(dataset, batch_sampler=sampler, num_workers=params.num_workers)
+
+    def step_loss(batch) -> torch.Tensor:
+        pixels, batch_labels = batch[0].to(device, non_blocking=True), batch[1].to(device)
+        emb = embed(loaded, pixels)
+        anchors, positives, negatives = mine_triplets(emb.detach(), batch_labels, cfg.mining, cfg.margin)
+        return triplet_margin_loss(emb, anchors, positives, negatives, cfg.margin)
+
+    def train_mode() -> None:
+        # Frozen blocks stay in eval mode, so their batch-norm statistics do not drift.
+        model.eval()
+        loaded.image_head.train()
+        for module in tail_modules:
+            module.train()
+
+    validator = Validator(loaded, prepared, params)
+    result = TrainResult(best={}, last={}, best_epoch=0)
+    stopper = EarlyStopping(params.patience, params.min_delta)
+    steps_per_epoch = len(sampler)
+    head_epochs = min(cfg.head_epochs, params.epochs)
+    last_epoch = params.epochs
+
+    # Stage 1: the head alone on the frozen tower.
+    tail_params, tail_modules = [], []
+    head_group = {"params": list(loaded.image_head.parameters()), "weight_decay": params.weight_decay}
+    if head_epochs:
+        optimizer = build_optimizer([head_group], params.optimizer, params.lr)
+        finished = _run_epochs(
+            loaded, params, range(1, head_epochs + 1), make_batches, step_loss, optimizer, steps_per_epoch * head_epochs,
+            validator, stopper, result, train_mode,
+        )
+        if not finished:
+            return _finish(loaded, params, result, validator, result.stopped_early_at)
+    # Stage 2: the last N blocks too, at a lower learning rate.
+    if params.epochs > head_epochs:
+        tail_params = unfreeze_last_blocks(model.visual, cfg.unfreeze_blocks)
+        tail_modules = tower_blocks(model.visual)[-cfg.unfreeze_blocks :] if cfg.unfreeze_blocks else []
+        groups = [head_group]
+        if tail_params:
+            groups.append({"params": tail_params, "weight_decay": params.weight_decay, "lr": params.lr * cfg.backbone_lr_scale})
+        optimizer = build_optimizer(groups, params.optimizer, params.lr)
+        finished = _run_epochs(
+            loaded, params, range(head_epochs + 1, params.epochs + 1), make_batches, step_loss, optimizer,
+            steps_per_epoch * (params.epochs - head_epochs), validator, stopper, result, train_mode,
+        )
+        last_epoch = params.epochs if finished else result.stopped_early_at
+    result.notes.append(f"triplet: {head_epochs} head-only epochs, then the last {cfg.unfreeze_blocks} tower blocks at lr x {cfg.backbone_lr_scale}")
+    return _finish(loaded, params, result, validator, last_epoch)

@@ -1,0 +1,104 @@
+"""`clipline verify` / `clipline similar` and the Predictor API on a tiny artifact set."""
+
+import pandas as pd
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from pipeline import cli, embed, evaluate, index, prepare, train
+from pipeline.predict import Predictor
+
+runner = CliRunner()
+TINY = {
+    "data": {"synthetic": {"n_classes": 4, "images_per_class": 8}, "splits": {"train": 0.5, "val": 0.25, "test": 0.25}},
+    "train": {"method": "none"},
+    "index": {"factory": "Flat", "search_params": ""},
+    "evaluate": {"n_examples": 1},
+}
+
+
+def _invoke(app, args):
+    result = runner.invoke(app, [str(a) for a in args])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    return result.output
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("artifacts")
+    params = root / "params.yaml"
+    params.write_text(yaml.safe_dump(TINY))
+    paths = {k: root / v for k, v in {"data": "data/prepared", "model": "artifacts/model", "emb": "artifacts/embeddings", "index": "artifacts/index", "reports": "reports"}.items()}
+    _invoke(prepare.app, ["--params", params, "--out", paths["data"]])
+    _invoke(train.app, ["--params", params, "--data", paths["data"], "--out", paths["model"], "--reports", paths["reports"] / "train"])
+    _invoke(embed.app, ["--params", params, "--data", paths["data"], "--model", paths["model"], "--out", paths["emb"]])
+    _invoke(index.app, ["--params", params, "--embeddings", paths["emb"], "--out", paths["index"]])
+    _invoke(
+        evaluate.app,
+        ["--params", params, "--data", paths["data"], "--embeddings", paths["emb"], "--index", paths["index"],
+         "--train-reports", paths["reports"] / "train", "--reports", paths["reports"], "--methods", root / "none.json"],
+    )
+    images = pd.read_parquet(paths["data"] / "images.parquet")
+    paths["images"] = [paths["data"] / p for p in images["path"]]
+    return paths
+
+
+def _where(paths):
+    return ["--model", paths["model"], "--index", paths["index"], "--data", paths["data"], "--metrics", paths["reports"] / "metrics.json"]
+
+
+def test_verify_two_images_uses_the_threshold_evaluate_chose(artifacts):
+    a, b = artifacts["images"][0], artifacts["images"][-1]
+    out = _invoke(cli.app, ["verify", a, b, *_where(artifacts)])
+    assert out.split()[0] in ("same", "different") and "distance" in out and "confidence" in out
+    chosen = Predictor.from_artifacts(artifacts["model"], artifacts["index"], artifacts["data"], artifacts["reports"] / "metrics.json")
+    assert f"threshold {chosen.threshold():.4f}" in out
+    assert _invoke(cli.app, ["verify", a, a, *_where(artifacts)]).startswith("same  distance 0.0000")
+    assert _invoke(cli.app, ["verify", a, b, "--threshold", "0", *_where(artifacts)]).startswith("different")
+
+
+def test_verify_pairs_file_writes_csv(artifacts, tmp_path):
+    imgs = artifacts["images"]
+    pairs = tmp_path / "pairs.csv"
+    pd.DataFrame({"image1": [imgs[0], imgs[1]], "image2": [imgs[0], imgs[2]]}).to_csv(pairs, index=False)
+    out_csv = tmp_path / "results.csv"
+    assert "pairs same" in _invoke(cli.app, ["verify", "--pairs", pairs, "--out", out_csv, *_where(artifacts)])
+    results = pd.read_csv(out_csv)
+    assert list(results.columns) == ["image1", "image2", "distance", "same", "threshold", "confidence"]
+    assert bool(results.at[0, "same"]) and results.at[0, "distance"] == pytest.approx(0, abs=1e-5)
+    assert results["confidence"].between(0.5, 1.0).all()
+
+
+def test_similar_finds_the_query_itself_first_and_draws_a_sheet(artifacts, tmp_path):
+    query = artifacts["images"][3]
+    sheet = tmp_path / "sheet.png"
+    out = _invoke(cli.app, ["similar", query, "--top-k", "3", "--out", sheet, *_where(artifacts)])
+    lines = [line for line in out.splitlines() if line.strip()[:1].isdigit()]
+    assert len(lines) == 3 and query.stem in lines[0] and " 1.0000 " in f" {lines[0].split()[1]} "
+    assert sheet.stat().st_size > 1000
+
+
+@pytest.mark.parametrize("command", [["verify", "{missing}", "{image}"], ["similar", "{missing}"], ["verify", "--pairs", "{missing}"]])
+def test_bad_paths_are_clear_errors_not_tracebacks(artifacts, tmp_path, command):
+    missing = tmp_path / "no_such_image.jpg"
+    args = [c.format(missing=missing, image=artifacts["images"][0]) for c in command]
+    result = runner.invoke(cli.app, [*args, *map(str, _where(artifacts))])
+    assert result.exit_code == 1
+    assert "error:" in result.output and str(missing) in result.output and "Traceback" not in result.output
+
+
+def test_corrupt_image_and_missing_second_image(artifacts, tmp_path):
+    corrupt = tmp_path / "corrupt.png"
+    corrupt.write_bytes(b"not a png at all")
+    result = runner.invoke(cli.app, ["similar", str(corrupt), *map(str, _where(artifacts))])
+    assert result.exit_code == 1 and str(corrupt) in result.output and "not a readable image" in result.output
+    result = runner.invoke(cli.app, ["verify", str(artifacts["images"][0]), *map(str, _where(artifacts))])
+    assert result.exit_code == 1 and "give two images" in result.output
+
+
+def test_predictor_api(artifacts):
+    predictor = Predictor.from_artifacts(artifacts["model"], artifacts["index"], artifacts["data"], artifacts["reports"] / "metrics.json")
+    verdict = predictor.verify(artifacts["images"][0], artifacts["images"][0])
+    assert verdict.same and verdict.distance == pytest.approx(0, abs=1e-5)
+    hits = predictor.similar(artifacts["images"][5], k=2)
+    assert list(hits.columns[:2]) == ["image_id", "path"] and len(hits) == 2

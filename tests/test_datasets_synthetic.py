@@ -1,0 +1,43 @@
+"""The generated default dataset: seeded, captioned beyond the class, split per image or per class."""
+
+import numpy as np
+import pandas as pd
+
+from pipeline.datasets import load_prepared, prepare
+from pipeline.datasets.synthetic import SHAPES
+from pipeline.params import DataParams, SplitRatios
+
+
+def _params(**overrides):
+    base = {"synthetic": {"n_classes": 4, "images_per_class": 10, "image_size": 32}}
+    return DataParams(**{**base, **overrides})
+
+
+def test_same_seed_same_dataset_and_every_class_in_every_split(tmp_path):
+    first = prepare(_params(), tmp_path / "a")
+    second = prepare(_params(), tmp_path / "b")
+    pd.testing.assert_frame_equal(first.images, second.images)
+    assert (tmp_path / "a" / first.images["path"].iloc[0]).read_bytes() == (tmp_path / "b" / second.images["path"].iloc[0]).read_bytes()
+    per_split = first.images.groupby("split")["label"].nunique()
+    assert per_split.to_dict() == {"test": 4, "train": 4, "val": 4}
+
+
+def test_captions_carry_more_than_the_class(tmp_path):
+    dataset = prepare(_params(), tmp_path / "out")
+    captions = dataset.captions
+    assert captions.groupby("image_id").size().eq(5).all()
+    merged = captions.merge(dataset.images[["image_id", "class_name"]], on="image_id")
+    assert all(name in caption for name, caption in zip(merged["class_name"], merged["caption"]))
+    # Two images of one class must be told apart by the other attributes their captions name.
+    assert merged.groupby("class_name")["caption"].nunique().min() > 10
+
+
+def test_class_split_keeps_identities_out_of_training(tmp_path):
+    params = _params(split_by="class", splits=SplitRatios(train=0.5, val=0.25, test=0.25), synthetic={"n_classes": 12, "images_per_class": 4, "image_size": 32})
+    prepare(params, tmp_path / "out")
+    images = load_prepared(tmp_path / "out").images
+    classes = images.groupby("split")["label"].apply(set)
+    assert len(classes["train"]) == 6 and len(classes["val"]) == 3 and len(classes["test"]) == 3
+    assert not (classes["train"] & classes["test"]) and not (classes["train"] & classes["val"]) and not (classes["val"] & classes["test"])
+    assert sorted(images["class_name"].unique()) == sorted(SHAPES)
+    assert np.all(images.groupby("label")["split"].nunique() == 1)
