@@ -5,6 +5,7 @@ Later commands (search, classify, verify, similar, serve) use the same artifacts
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import typer
@@ -43,35 +44,34 @@ def info(
         typer.echo(f"{key.ljust(width)}  {shown}")
 
 
-ModelDir = typer.Option(Path("artifacts/model"), "--model", help="trained model folder")
-IndexDir = typer.Option(Path("artifacts/index"), "--index", help="FAISS index folder")
-DataDir = typer.Option(Path("data/prepared"), "--data", help="prepared dataset folder (for gallery image paths)")
-Metrics = typer.Option(Path("reports/metrics.json"), "--metrics", help="metrics with the verification threshold")
-Device = typer.Option("auto", help="auto | cpu | cuda")
+@dataclass
+class Artifacts:
+    """Where the pipeline's outputs are; the options before the command name (clipline --model M verify ...)."""
 
+    model: Path
+    index: Path
+    data: Path
+    metrics: Path
+    device: str
 
-def _predictor(model: Path, index: Path, data: Path, metrics: Path, device: str) -> Predictor:
-    return Predictor.from_artifacts(model, index, data, metrics, device)
+    def predictor(self) -> Predictor:
+        return Predictor.from_artifacts(self.model, self.index, self.data, self.metrics, self.device)
 
 
 @app.command()
 @user_errors_exit_cleanly
 def verify(
+    ctx: typer.Context,
     image1: Optional[Path] = typer.Argument(None, help="first image"),
     image2: Optional[Path] = typer.Argument(None, help="second image"),
     pairs: Optional[Path] = typer.Option(None, help="CSV with columns image1,image2 (a batch instead of two images)"),
     out: Optional[Path] = typer.Option(None, help="where to write the batch results as CSV (default: stdout)"),
     threshold: Optional[float] = typer.Option(None, help="distance threshold (default: the one evaluate chose)"),
-    model: Path = ModelDir,
-    index: Path = IndexDir,
-    data: Path = DataDir,
-    metrics: Path = Metrics,
-    device: str = Device,
 ) -> None:
     """Are two images the same class / identity? Prints same or different, the distance and a confidence."""
     if pairs is None and (image1 is None or image2 is None):
         raise PredictError("give two images, or --pairs pairs.csv")
-    predictor = _predictor(model, index, data, metrics, device)
+    predictor = ctx.obj.predictor()
     if pairs is not None:
         if not pairs.is_file():
             raise FileNotFoundError(f"{pairs}: pairs file not found")
@@ -92,17 +92,13 @@ def verify(
 @app.command()
 @user_errors_exit_cleanly
 def similar(
+    ctx: typer.Context,
     query: Path = typer.Argument(..., help="query image"),
     top_k: int = typer.Option(5, "--top-k", "-k", help="how many neighbours"),
     out: Optional[Path] = typer.Option(None, help="write a contact sheet (PNG) of the query and its neighbours"),
-    model: Path = ModelDir,
-    index: Path = IndexDir,
-    data: Path = DataDir,
-    metrics: Path = Metrics,
-    device: str = Device,
 ) -> None:
     """The nearest images in the index, with their similarity scores."""
-    predictor = _predictor(model, index, data, metrics, device)
+    predictor = ctx.obj.predictor()
     hits = predictor.similar(query, top_k)
     for rank, hit in enumerate(hits.itertuples(), start=1):
         label = "" if pd.isna(hit.class_name) else f"  {hit.class_name}"
@@ -115,8 +111,16 @@ def similar(
 
 
 @app.callback()
-def main() -> None:
-    """clipline: a reproducible DVC pipeline for CLIP-style models."""
+def main(
+    ctx: typer.Context,
+    model: Path = typer.Option(Path("artifacts/model"), help="trained model folder"),
+    index: Path = typer.Option(Path("artifacts/index"), help="FAISS index folder"),
+    data: Path = typer.Option(Path("data/prepared"), help="prepared dataset folder (gallery image paths)"),
+    metrics: Path = typer.Option(Path("reports/metrics.json"), help="metrics holding the verification threshold"),
+    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+) -> None:
+    """clipline: a reproducible DVC pipeline for CLIP-style models. Run from the project folder."""
+    ctx.obj = Artifacts(model, index, data, metrics, device)
 
 
 if __name__ == "__main__":

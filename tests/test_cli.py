@@ -49,12 +49,12 @@ def _where(paths):
 
 def test_verify_two_images_uses_the_threshold_evaluate_chose(artifacts):
     a, b = artifacts["images"][0], artifacts["images"][-1]
-    out = _invoke(cli.app, ["verify", a, b, *_where(artifacts)])
+    out = _invoke(cli.app, [*_where(artifacts), "verify", a, b])
     assert out.split()[0] in ("same", "different") and "distance" in out and "confidence" in out
     chosen = Predictor.from_artifacts(artifacts["model"], artifacts["index"], artifacts["data"], artifacts["reports"] / "metrics.json")
     assert f"threshold {chosen.threshold():.4f}" in out
-    assert _invoke(cli.app, ["verify", a, a, *_where(artifacts)]).startswith("same  distance 0.0000")
-    assert _invoke(cli.app, ["verify", a, b, "--threshold", "0", *_where(artifacts)]).startswith("different")
+    assert _invoke(cli.app, [*_where(artifacts), "verify", a, a]).startswith("same  distance 0.0000")
+    assert _invoke(cli.app, [*_where(artifacts), "verify", a, b, "--threshold", "0"]).startswith("different")
 
 
 def test_verify_pairs_file_writes_csv(artifacts, tmp_path):
@@ -62,7 +62,7 @@ def test_verify_pairs_file_writes_csv(artifacts, tmp_path):
     pairs = tmp_path / "pairs.csv"
     pd.DataFrame({"image1": [imgs[0], imgs[1]], "image2": [imgs[0], imgs[2]]}).to_csv(pairs, index=False)
     out_csv = tmp_path / "results.csv"
-    assert "pairs same" in _invoke(cli.app, ["verify", "--pairs", pairs, "--out", out_csv, *_where(artifacts)])
+    assert "pairs same" in _invoke(cli.app, [*_where(artifacts), "verify", "--pairs", pairs, "--out", out_csv])
     results = pd.read_csv(out_csv)
     assert list(results.columns) == ["image1", "image2", "distance", "same", "threshold", "confidence"]
     assert bool(results.at[0, "same"]) and results.at[0, "distance"] == pytest.approx(0, abs=1e-5)
@@ -72,7 +72,7 @@ def test_verify_pairs_file_writes_csv(artifacts, tmp_path):
 def test_similar_finds_the_query_itself_first_and_draws_a_sheet(artifacts, tmp_path):
     query = artifacts["images"][3]
     sheet = tmp_path / "sheet.png"
-    out = _invoke(cli.app, ["similar", query, "--top-k", "3", "--out", sheet, *_where(artifacts)])
+    out = _invoke(cli.app, [*_where(artifacts), "similar", query, "--top-k", "3", "--out", sheet])
     lines = [line for line in out.splitlines() if line.strip()[:1].isdigit()]
     assert len(lines) == 3 and query.stem in lines[0] and " 1.0000 " in f" {lines[0].split()[1]} "
     assert sheet.stat().st_size > 1000
@@ -82,7 +82,7 @@ def test_similar_finds_the_query_itself_first_and_draws_a_sheet(artifacts, tmp_p
 def test_bad_paths_are_clear_errors_not_tracebacks(artifacts, tmp_path, command):
     missing = tmp_path / "no_such_image.jpg"
     args = [c.format(missing=missing, image=artifacts["images"][0]) for c in command]
-    result = runner.invoke(cli.app, [*args, *map(str, _where(artifacts))])
+    result = runner.invoke(cli.app, [*map(str, _where(artifacts)), *args])
     assert result.exit_code == 1
     assert "error:" in result.output and str(missing) in result.output and "Traceback" not in result.output
 
@@ -90,9 +90,9 @@ def test_bad_paths_are_clear_errors_not_tracebacks(artifacts, tmp_path, command)
 def test_corrupt_image_and_missing_second_image(artifacts, tmp_path):
     corrupt = tmp_path / "corrupt.png"
     corrupt.write_bytes(b"not a png at all")
-    result = runner.invoke(cli.app, ["similar", str(corrupt), *map(str, _where(artifacts))])
+    result = runner.invoke(cli.app, [*map(str, _where(artifacts)), "similar", str(corrupt)])
     assert result.exit_code == 1 and str(corrupt) in result.output and "not a readable image" in result.output
-    result = runner.invoke(cli.app, ["verify", str(artifacts["images"][0]), *map(str, _where(artifacts))])
+    result = runner.invoke(cli.app, [*map(str, _where(artifacts)), "verify", str(artifacts["images"][0])])
     assert result.exit_code == 1 and "give two images" in result.output
 
 

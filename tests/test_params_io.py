@@ -81,3 +81,24 @@ def test_embedding_shards_round_trip_as_fixed_size_float32(tmp_path):
     assert read_vectors.dtype == np.float32 and np.array_equal(read_vectors, vectors.astype(np.float32))
     with pytest.raises(FileNotFoundError, match="dvc repro embed"):
         io.read_embeddings(tmp_path / "missing")
+
+
+def _keys(tree: dict, prefix: str = "") -> set[str]:
+    keys = set()
+    for key, value in tree.items():
+        keys.add(prefix + key)
+        if isinstance(value, dict):
+            keys |= _keys(value, f"{prefix}{key}.")
+    return keys
+
+
+def test_params_yaml_spells_out_every_key():
+    import yaml
+
+    written = _keys(yaml.safe_load(open("params.yaml")))
+    assert written == _keys(params.Params().model_dump())
+
+
+def test_threshold_cannot_be_tuned_on_the_split_it_is_scored_on():
+    with pytest.raises(params.ParamsError, match="evaluate: Value error, threshold_split must differ"):
+        params.parse({"evaluate": {"split": "test", "threshold_split": "test"}})

@@ -1,6 +1,7 @@
 """Evaluation tasks: what they measure, and the reason they give when the data cannot support them."""
 
 import numpy as np
+import pytest
 import pandas as pd
 
 from pipeline.metrics import tasks
@@ -40,3 +41,31 @@ def test_retrieval_is_skipped_without_captions_and_restricted_to_the_split():
     assert tasks.cross_modal_retrieval(images, image_emb, texts.iloc[2:], text_emb[2:], "test", [1]).metrics == {
         "skipped": "no captioned images in the 'test' split"
     }
+
+
+def test_verification_threshold_comes_from_val_and_is_applied_unchanged_to_test():
+    # 1-D points: in val, same-class pairs are 0.2 apart and different ones >= 1.0, so the widest
+    # gap puts the threshold at 0.6. In test, same-class pairs are 0.8 apart: a threshold tuned on
+    # test would score 1.0, the val threshold calls them different.
+    x = [0.0, 0.2, 1.2, 1.4, 0.0, 0.8, 2.5, 3.3]
+    images = _images(["val"] * 4 + ["test"] * 4, [0, 0, 1, 1, 0, 0, 1, 1])
+    emb = np.array([[v, 0.0] for v in x], dtype=np.float32)
+    result = tasks.verification(images, emb, "val", "test", max_positive=100, negatives_per_positive=2.0, seed=0)
+    m = result.metrics
+    assert m["threshold"] == pytest.approx(0.6) and m["threshold_split"] == "val"
+    assert m["n_pairs"] == 6 and m["accuracy"] == pytest.approx(4 / 6)
+    assert m["confusion"] == {"tn": 4, "fp": 0, "fn": 2, "tp": 0}
+    assert m["roc_auc"] == 1.0  # the ranking is perfect; only the transferred threshold is off
+
+
+def test_verification_and_metric_learning_skip_without_pairs():
+    images = _images(["val", "test"], [0, 1])
+    emb = np.eye(2, dtype=np.float32)
+    assert "needs 2+ labelled classes" in tasks.verification(images, emb, "val", "test", 10, 1.0, 0).metrics["skipped"]
+    assert "needs 2+ labelled classes" in tasks.metric_learning(images, emb, "test").metrics["skipped"]
+
+
+def test_metric_learning_scores_a_clustered_split():
+    images = _images(["test"] * 4, [0, 0, 1, 1])
+    emb = np.array([[1, 0], [0.9, 0.1], [0, 1], [0.1, 0.9]], dtype=np.float32)
+    assert tasks.metric_learning(images, emb, "test").metrics == {"precision_at_1": 1.0, "r_precision": 1.0, "map_at_r": 1.0, "n_queries": 4}

@@ -1,0 +1,86 @@
+"""Siamese and triplet training loops: what they train, what they freeze, when they stop."""
+
+import pytest
+import torch
+
+from pipeline import models
+from pipeline.datasets import load_prepared, prepare
+from pipeline.models.heads import tower_blocks
+from pipeline.params import DataParams, TrainParams
+from pipeline.training.metric import train_siamese, train_triplet
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    out = tmp_path_factory.mktemp("prepared")
+    prepare(DataParams(synthetic={"n_classes": 4, "images_per_class": 8, "image_size": 32}, splits={"train": 0.5, "val": 0.25, "test": 0.25}), out)
+    return load_prepared(out)
+
+
+def _tiny():
+    torch.manual_seed(0)
+    return models.create_model(models.TINY_MODEL, "none", "cpu")
+
+
+def _params(**overrides):
+    base = dict(epochs=2, batch_size=8, augment=False, warmup_fraction=0.0)
+    return TrainParams(**{**base, **overrides})
+
+
+def _changed(before: dict, module: torch.nn.Module) -> set[str]:
+    return {name for name, value in module.state_dict().items() if not torch.equal(before[name], value)}
+
+
+def test_triplet_stage_one_trains_only_the_head(prepared):
+    loaded = _tiny()
+    before = {k: v.clone() for k, v in loaded.model.state_dict().items()}
+    params = _params(method="triplet", epochs=2, triplet={"head_epochs": 2, "classes_per_batch": 2, "images_per_class": 2, "head_dim": 16})
+    result = train_triplet(loaded, prepared, params)
+    assert not _changed(before, loaded.model), "the frozen tower (batch-norm statistics included) must not change"
+    assert set(result.best) == {"model", "head", "epoch"} and result.best["head"]["proj.weight"].shape == (16, loaded.tower_dim)
+    assert loaded.embed_dim == 16
+
+
+def test_triplet_stage_two_unfreezes_only_the_last_blocks(prepared):
+    loaded = _tiny()
+    before = {k: v.clone() for k, v in loaded.model.state_dict().items()}
+    params = _params(method="triplet", epochs=2, triplet={"head_epochs": 1, "unfreeze_blocks": 1, "classes_per_batch": 2, "images_per_class": 2})
+    train_triplet(loaded, prepared, params)
+    changed = _changed(before, loaded.model)
+    last_block = tower_blocks(loaded.model.visual)[-1]
+    allowed = {f"visual.attnpool.{n}" for n, _ in last_block.named_parameters()}
+    assert changed and changed <= allowed
+
+
+def test_siamese_trains_the_image_tower_not_the_text_tower(prepared):
+    loaded = _tiny()
+    before = {k: v.clone() for k, v in loaded.model.state_dict().items()}
+    result = train_siamese(loaded, prepared, _params(method="siamese", siamese={"samples_per_class": 4}, checkpoint_every=1))
+    changed = _changed(before, loaded.model)
+    assert any(name.startswith("visual.") for name in changed)
+    assert not [name for name in changed if not name.startswith("visual.")]
+    assert set(result.periodic) == {"epoch-0001.pt", "epoch-0002.pt"}
+    assert [row["epoch"] for row in result.loss_rows] == [1, 2] and all("val_loss" in row for row in result.loss_rows)
+    assert {"precision_at_1", "map_at_r", "val_loss"} <= set(result.val_rows[0])
+
+
+def test_early_stopping_ends_training_and_keeps_the_best(prepared):
+    loaded = _tiny()
+    # The first validation always improves on infinity; none can improve by more than 10.
+    params = _params(method="siamese", epochs=5, patience=1, min_delta=10.0, siamese={"samples_per_class": 2})
+    result = train_siamese(loaded, prepared, params)
+    assert result.stopped_early_at == 2 and len(result.loss_rows) == 2
+    assert result.best_epoch == 1 and result.last["epoch"] == 2
+    assert "early stopping at epoch 2" in result.notes[0]
+
+
+def test_saved_triplet_model_embeds_through_its_head(prepared, tmp_path):
+    loaded = _tiny()
+    params = _params(method="triplet", epochs=1, triplet={"head_epochs": 1, "classes_per_batch": 2, "images_per_class": 2, "head_dim": 8})
+    result = train_triplet(loaded, prepared, params)
+    models.save_trained(tmp_path, loaded, {"method": "triplet", "checkpoint": "best.pt", "head_dim": 8}, {"best.pt": result.best})
+    again, _ = models.load_trained(tmp_path, "cpu")
+    from pipeline.models.encode import encode_images
+
+    emb = encode_images(again, prepared.image_paths(prepared.images.head(3)))
+    assert emb.shape == (3, 8)
