@@ -5,7 +5,7 @@ overrides below), so the project's own outputs are untouched. `evaluate` reads m
 into the "Methods compared" table of reports/report.md; after running this, `dvc repro`
 refreshes the report (only evaluate reruns).
 
-    python bench/compare_methods.py                       # none, siamese, triplet on class-disjoint shapes
+    python bench/compare_methods.py                       # none, siamese, triplet on class-disjoint shapes (~8 min, 2 cores)
     python bench/compare_methods.py --method clip --method triplet -S train.epochs=5
 """
 
@@ -34,6 +34,10 @@ DEFAULT_OVERRIDES = [
     "data.splits.test=0.25",
     "index.factory=Flat",
     "index.search_params=",
+    # The tiny model starts from random weights: its whole tower must learn, at the full rate.
+    "train.triplet.head_epochs=2",
+    "train.triplet.unfreeze_blocks=5",
+    "train.triplet.backbone_lr_scale=1.0",
 ]
 KEYS = {
     "verification.accuracy": ("verification", "accuracy"),

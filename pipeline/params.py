@@ -95,7 +95,9 @@ class SiameseParams(_Section):
 class TripletParams(_Section):
     margin: float = Field(0.2, gt=0)
     head_dim: int = Field(128, ge=2)
-    mining: Literal["batch_hard", "semi_hard", "all"] = "batch_hard"
+    # all: every valid triplet in the batch (pytorch-metric-learning's default). batch_hard can
+    # collapse every embedding to one point when training starts from random weights.
+    mining: Literal["batch_hard", "semi_hard", "all"] = "all"
     # P x K class-balanced batches: P classes, K images each.
     classes_per_batch: int = Field(8, ge=2)
     images_per_class: int = Field(8, ge=2)

@@ -77,3 +77,15 @@ def test_no_triplets_gives_a_zero_that_backward_accepts():
 def test_triplet_loss_rejects_ragged_indices():
     with pytest.raises(ValueError, match="2 anchors, 1 positives"):
         triplet_margin_loss(torch.zeros(3, 2), torch.tensor([0, 1]), torch.tensor([1]), torch.tensor([2, 2]), margin=0.2)
+
+
+def test_all_triplets_loss_equals_the_mean_over_mined_triplets():
+    from pipeline.training.losses import all_triplets_loss
+    from pipeline.training.miners import mine_triplets
+
+    torch.manual_seed(0)
+    emb = torch.randn(12, 3)
+    labels = torch.tensor([0, 0, 0, 1, 1, 1, 1, 2, 2, 3, 3, 3])
+    a, p, n = mine_triplets(emb, labels, "all", 0.5)
+    expected = triplet_margin_loss(emb, a, p, n, 0.5)
+    assert torch.allclose(all_triplets_loss(emb, labels, 0.5), expected, atol=1e-5)

@@ -47,7 +47,8 @@ def project(tmp_path_factory):
     work = tmp_path_factory.mktemp("project")
     for name in ("pipeline", ".dvc"):
         shutil.copytree(ROOT / name, work / name, ignore=shutil.ignore_patterns("__pycache__", "tmp", "cache"))
-    for name in ("dvc.yaml", ".dvcignore"):
+    for name in ("dvc.yaml", ".dvcignore", "reports/methods.json"):
+        (work / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(ROOT / name, work / name)
     params = _merge(yaml.safe_load((ROOT / "params.yaml").read_text()), SMALL)
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
@@ -69,7 +70,10 @@ def test_repro_writes_metrics_plots_and_report(project):
     assert set(metrics["timing"]) == {"prepare_s", "train_s", "embed_s", "index_s", "evaluate_s"}
     report = (project / "reports/report.md").read_text()
     assert "## Retrieval" in report and "figures/retrieval_examples.png" in report
-    for figure in ("training_curve", "similarity_heatmap", "retrieval_examples", "confusion"):
+    assert "## Methods compared" in report and "| siamese |" in report
+    assert set(metrics["verification"]) >= {"threshold", "accuracy", "precision", "recall", "f1", "roc_auc", "eer", "n_pairs"}
+    assert set(metrics["metric_learning"]) >= {"precision_at_1", "r_precision", "map_at_r"}
+    for figure in ("training_curve", "similarity_heatmap", "retrieval_examples", "confusion", "verification_distances", "verification_roc"):
         assert (project / f"reports/figures/{figure}.png").stat().st_size > 1000
     assert (project / "reports/train/loss.csv").read_text().count("\n") == 3  # header + 2 epochs
     shown = json.loads(_dvc(project, "metrics", "show", "--json"))

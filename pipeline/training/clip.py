@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from pipeline.datasets import Prepared
 from pipeline.datasets.base import load_rgb
+from pipeline.metrics import tasks
 from pipeline.metrics.retrieval import recall_at_k
 from pipeline.models import LoadedModel
 from pipeline.models.encode import autocast, encode_image_batches, encode_texts, image_loader
@@ -75,6 +76,10 @@ def validation_recall(loaded: LoadedModel, prepared: Prepared, split: str = "val
     recalls = recall_at_k(image_emb, text_emb, text_image, (1, 5, 10))
     row = {f"{direction}_{k}": v for direction, ks in recalls.items() for k, v in ks.items()}
     row["mean_recall"] = float(np.mean(list(row.values())))
+    # The image-only retrieval metrics the metric-learning methods log, so curves compare across methods.
+    within = tasks.metric_learning(images, image_emb, split)
+    if "skipped" not in within.metrics:
+        row.update(precision_at_1=within.metrics["precision_at_1"], map_at_r=within.metrics["map_at_r"])
     return row
 
 

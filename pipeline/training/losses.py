@@ -67,3 +67,21 @@ def triplet_margin_loss(
     # triplet would cost O(triplets * dim) -- "all" mining easily gives n^2 or more triplets.
     distances = pairwise_distances(embeddings)
     return torch.relu(distances[anchors, positives] - distances[anchors, negatives] + margin).mean()
+
+
+def all_triplets_loss(embeddings: torch.Tensor, labels: torch.Tensor, margin: float) -> torch.Tensor:
+    """Mean of relu(d(a,p) - d(a,n) + margin) over every valid triplet, one anchor at a time.
+
+    The same value as mining "all" and averaging, without materialising the triplet indices
+    (O(n^3) of them), so validation can score its whole split every epoch in O(n^2) memory.
+    """
+    distances = pairwise_distances(embeddings)
+    total, count = embeddings.new_zeros(()), 0
+    for anchor in range(len(embeddings)):
+        same = labels == labels[anchor]
+        same[anchor] = False
+        d_ap, d_an = distances[anchor][same], distances[anchor][labels != labels[anchor]]
+        if len(d_ap) and len(d_an):
+            total = total + torch.relu(d_ap[:, None] - d_an[None, :] + margin).sum()
+            count += len(d_ap) * len(d_an)
+    return total / count if count else total
