@@ -5,33 +5,14 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
 import typer
 
 from pipeline import io, params as params_lib
 from pipeline.datasets import load_prepared
 from pipeline.metrics import tasks
-from pipeline.reporting import figures, markdown
+from pipeline.reporting import markdown, outputs
 from pipeline.retrieval import faiss_index
 from pipeline.stage import stage_app
-
-
-def _read_csv(path: Path) -> pd.DataFrame | None:
-    return pd.read_csv(path) if path.exists() else None
-
-
-def _retrieval_examples(retrieval: tasks.TaskResult, index: faiss_index.LoadedIndex, image_root: Path, n: int, k: int = 5):
-    """The first caption of n evenly spaced images, searched in the FAISS index as a user would."""
-    texts, text_emb = retrieval.extras["texts"], retrieval.extras["text_emb"]
-    first = texts.drop_duplicates("image_id")
-    picks = first.index[np.linspace(0, len(first) - 1, num=min(n, len(first)), dtype=int)]
-    hits = index.search(text_emb[picks], k)
-    rows = [
-        [(image_root / h.path, float(h.score), h.image_id == texts.at[q, "image_id"]) for h in hit.itertuples()]
-        for q, hit in zip(picks, hits)
-    ]
-    return texts.loc[picks, "caption"].tolist(), rows
 
 
 def main(
@@ -67,44 +48,8 @@ def main(
     metric_learning = tasks.metric_learning(images, image_emb, params.split)
     index_keys = ("factory", "metric", "n", "dim", "recall@10", "qps", "build_s")
 
-    written: dict[str, str] = {}
-    # Whole folders are replaced, so a figure from an earlier run with other tasks cannot linger.
-    with io.atomic_dir(reports / "figures") as figure_dir, io.atomic_dir(reports / "plots") as plot_dir:
-        if figures.training_curve(_read_csv(train_reports / "loss.csv"), _read_csv(train_reports / "val.csv"), figure_dir / "training_curve.png"):
-            written["training_curve"] = "figures/training_curve.png"
-        if "skipped" not in zero_shot.metrics:
-            figures.confusion(zero_shot.extras["labels"], zero_shot.extras["predicted"], prepared.class_names, figure_dir / "confusion.png")
-            written["confusion"] = "figures/confusion.png"
-            pd.DataFrame(zero_shot.plots["zero_shot_predictions"]).to_csv(plot_dir / "zero_shot_predictions.csv", index=False)
-        if "skipped" not in retrieval.metrics:
-            extras = retrieval.extras
-            # Evenly spaced images (not the first n, which are often one class) and one caption each.
-            picks = np.linspace(0, len(extras["images"]) - 1, num=min(16, len(extras["images"])), dtype=int)
-            first_caption = extras["texts"].reset_index().drop_duplicates("image_id").set_index("image_id")
-            first_caption = first_caption.loc[extras["images"]["image_id"].iloc[picks], "index"]
-            figures.similarity_heatmap(
-                extras["image_emb"][picks],
-                extras["text_emb"][first_caption.to_numpy()],
-                extras["images"]["image_id"].iloc[picks].tolist(),
-                figure_dir / "similarity_heatmap.png",
-            )
-            written["heatmap"] = "figures/similarity_heatmap.png"
-            if params.n_examples:
-                queries, hits = _retrieval_examples(retrieval, index, prepared.image_root, params.n_examples)
-                figures.retrieval_examples(queries, hits, figure_dir / "retrieval_examples.png")
-                written["examples"] = "figures/retrieval_examples.png"
-            pd.DataFrame(retrieval.plots["recall_at_k"]).to_csv(plot_dir / "recall_at_k.csv", index=False)
-        if "skipped" not in verification.metrics:
-            extras, m = verification.extras, verification.metrics
-            figures.distance_histograms(extras["distances"], extras["same"], m["threshold"], figure_dir / "verification_distances.png")
-            figures.roc_curve_plot(extras["roc"]["fpr"], extras["roc"]["tpr"], m["roc_auc"], m["eer"], figure_dir / "verification_roc.png")
-            figures.verification_confusion(m["confusion"], figure_dir / "verification_confusion.png")
-            written.update(
-                distances="figures/verification_distances.png",
-                roc="figures/verification_roc.png",
-                verification_confusion="figures/verification_confusion.png",
-            )
-            pd.DataFrame(extras["roc"]).to_csv(plot_dir / "verification_roc.csv", index=False)
+    results = {"zero_shot": zero_shot, "retrieval": retrieval, "verification": verification}
+    written = outputs.write(reports, train_reports, results, prepared.class_names, index, prepared.image_root, params.n_examples)
 
     metrics = {
         "dataset": {"source": prepared.info["source"], "n_images": prepared.info["n_images"], "n_classes": len(prepared.classes), "split": params.split},
