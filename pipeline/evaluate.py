@@ -20,6 +20,7 @@ def main(
     data: Path = typer.Option(Path("data/prepared"), help="prepared dataset folder"),
     embeddings: Path = typer.Option(Path("artifacts/embeddings"), help="embeddings folder"),
     index_dir: Path = typer.Option(Path("artifacts/index"), "--index", help="index folder"),
+    probe_dir: Path = typer.Option(Path("artifacts/probe"), "--probe", help="probe results folder"),
     train_reports: Path = typer.Option(Path("reports/train"), help="training curves folder"),
     reports: Path = typer.Option(Path("reports"), help="reports folder"),
     methods: Path = typer.Option(Path("reports/methods.json"), help="method comparison from bench/compare_methods.py"),
@@ -49,7 +50,8 @@ def main(
     index_keys = ("factory", "metric", "n", "dim", "recall@10", "qps", "build_s")
 
     results = {"zero_shot": zero_shot, "retrieval": retrieval, "verification": verification}
-    written = outputs.write(reports, train_reports, results, prepared.class_names, index, prepared.image_root, params.n_examples)
+    written = outputs.write(reports, train_reports, results, prepared.class_names, index, prepared.image_root, params.n_examples, probe_dir)
+    probe = io.read_json(probe_dir / "probe.json") if (probe_dir / "probe.json").exists() else {"skipped": f"no {probe_dir}/probe.json; run `dvc repro probe`"}
 
     metrics = {
         "dataset": {"source": prepared.info["source"], "n_images": prepared.info["n_images"], "n_classes": len(prepared.classes), "split": params.split},
@@ -59,7 +61,12 @@ def main(
         "verification": verification.metrics,
         "metric_learning": metric_learning.metrics,
         "index": {k: index.info[k] for k in index_keys if k in index.info},
-        "timing": {**tasks.stage_timing(prepared.info, embed_info, index.info), "evaluate_s": round(time.perf_counter() - start, 3)},
+        "probe": probe.get("points") or {"skipped": probe.get("skipped", "no probe points")},
+        "timing": {
+            **tasks.stage_timing(prepared.info, embed_info, index.info),
+            **({"probe_s": probe["probe_s"]} if "probe_s" in probe else {}),
+            "evaluate_s": round(time.perf_counter() - start, 3),
+        },
     }
     io.write_json(reports / "metrics.json", metrics)
     comparison = io.read_json(methods) if methods.exists() else None

@@ -8,7 +8,7 @@ rerun it. Unknown keys and bad values are errors that name the key, e.g. `train.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -156,6 +156,21 @@ class IndexParams(_Section):
         return value
 
 
+class ProbeParams(_Section):
+    """Nearest-neighbour classification on features cut at several encoder depths."""
+
+    # pixels | half | penultimate | final | a block number (after transformer block / ResNet stage k)
+    points: list[Union[Literal["pixels", "half", "penultimate", "final"], int]] = ["pixels", "half", "penultimate", "final"]
+    pooling: Literal["cls", "mean"] = "cls"  # ViT towers: CLS token or mean of patch tokens
+    k: int = Field(10, ge=1)
+    metric: Literal["cosine", "l2"] = "cosine"
+    batch_size: int = Field(128, ge=1)
+    gallery_split: Literal["train", "val", "test"] = "train"
+    query_split: Literal["train", "val", "test"] = "test"
+    device: str = "auto"
+    num_workers: int = Field(0, ge=0)
+
+
 class PairParams(_Section):
     """Verification pairs, drawn once per split with a seed: all same-class pairs up to
     `max_positive`, and `negatives_per_positive` times as many different-class pairs."""
@@ -194,6 +209,7 @@ class Params(_Section):
     train: TrainParams = TrainParams()
     embed: EmbedParams = EmbedParams()
     index: IndexParams = IndexParams()
+    probe: ProbeParams = ProbeParams()
     evaluate: EvaluateParams = EvaluateParams()
 
 

@@ -5,7 +5,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from pipeline import cli, embed, evaluate, index, prepare, train
+from pipeline import cli, embed, evaluate, index, prepare, probe, train
 from pipeline.predict import Predictor
 
 runner = CliRunner()
@@ -33,9 +33,10 @@ def artifacts(tmp_path_factory):
     _invoke(train.app, ["--params", params, "--data", paths["data"], "--out", paths["model"], "--reports", paths["reports"] / "train"])
     _invoke(embed.app, ["--params", params, "--data", paths["data"], "--model", paths["model"], "--out", paths["emb"]])
     _invoke(index.app, ["--params", params, "--embeddings", paths["emb"], "--out", paths["index"]])
+    _invoke(probe.app, ["--params", params, "--data", paths["data"], "--model", paths["model"], "--out", root / "artifacts/probe"])
     _invoke(
         evaluate.app,
-        ["--params", params, "--data", paths["data"], "--embeddings", paths["emb"], "--index", paths["index"],
+        ["--params", params, "--data", paths["data"], "--embeddings", paths["emb"], "--index", paths["index"], "--probe", root / "artifacts/probe",
          "--train-reports", paths["reports"] / "train", "--reports", paths["reports"], "--methods", root / "none.json"],
     )
     images = pd.read_parquet(paths["data"] / "images.parquet")
@@ -102,3 +103,14 @@ def test_predictor_api(artifacts):
     assert verdict.same and verdict.distance == pytest.approx(0, abs=1e-5)
     hits = predictor.similar(artifacts["images"][5], k=2)
     assert list(hits.columns[:2]) == ["image_id", "path"] and len(hits) == 2
+
+
+def test_probe_rows_reach_metrics_with_positive_timings(artifacts):
+    import json
+
+    probe_rows = json.loads((artifacts["reports"] / "metrics.json").read_text())["probe"]
+    assert list(probe_rows) == ["pixels", "block2", "block3", "final", "zero_shot"]
+    for name, row in probe_rows.items():
+        assert row["encode_ms"] > 0 and row["query_ms"] > 0 and row["dim"] > 0 and 0 <= row["top1"] <= 1, name
+    assert probe_rows["pixels"]["dim"] == 3 * 64 * 64
+    assert "## Layer probe" in (artifacts["reports"] / "report.md").read_text()

@@ -67,7 +67,10 @@ def test_repro_writes_metrics_plots_and_report(project):
         assert all(0.0 <= v <= 1.0 for v in retrieval[direction].values())
     assert retrieval["n_images"] == 12 and retrieval["n_texts"] == 60
     assert index["factory"] == "Flat" and index["recall@10"] == 1.0 and index["n"] == 60
-    assert set(metrics["timing"]) == {"prepare_s", "train_s", "embed_s", "index_s", "evaluate_s"}
+    assert set(metrics["timing"]) == {"prepare_s", "train_s", "embed_s", "index_s", "probe_s", "evaluate_s"}
+    assert list(metrics["probe"]) == ["pixels", "block2", "block3", "final", "zero_shot"]
+    encode_ms = [metrics["probe"][p]["encode_ms"] for p in ("pixels", "block2", "final")]
+    assert encode_ms[0] < encode_ms[1] and encode_ms[0] < encode_ms[2]  # pixels need no encoder at all
     report = (project / "reports/report.md").read_text()
     assert "## Retrieval" in report and "figures/retrieval_examples.png" in report
     assert "## Methods compared" in report and "| siamese |" in report
@@ -86,7 +89,7 @@ def test_evaluate_param_reruns_only_evaluate(project):
     assert set(json.loads(_dvc(project, "status", "--json"))) == {"evaluate"}
     out = _dvc(project, "repro")
     assert "Running stage 'evaluate'" in out
-    assert not any(f"Running stage '{s}'" in out for s in ("prepare", "train", "embed", "index"))
+    assert not any(f"Running stage '{s}'" in out for s in ("prepare", "train", "embed", "index", "probe"))
     metrics = json.loads((project / "reports/metrics.json").read_text())
     assert set(metrics["retrieval"]["text_to_image"]) == {"R@1", "R@2"}
 
@@ -95,7 +98,7 @@ def test_train_param_reruns_train_and_downstream_not_prepare(project):
     _set(project / "params.yaml", "train", "epochs", 1)
     assert set(json.loads(_dvc(project, "status", "--json"))) == {"train"}
     out = _dvc(project, "repro")
-    assert "Running stage 'train'" in out and "Running stage 'evaluate'" in out
+    assert "Running stage 'train'" in out and "Running stage 'probe'" in out and "Running stage 'evaluate'" in out
     assert "Running stage 'prepare'" not in out
     assert (project / "reports/train/loss.csv").read_text().count("\n") == 2
 

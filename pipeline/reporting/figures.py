@@ -147,3 +147,29 @@ def contact_sheet(query: Path, hits: pd.DataFrame, path: Path) -> None:
         ax.set_xticks([])
         ax.set_yticks([])
     _save(fig, Path(path))
+
+
+def probe_tradeoff(points: dict[str, dict], path: Path) -> None:
+    """Top-1 against time per image (encoder + query), one labelled point per probe."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, row in points.items():
+        total = row["encode_ms"] + row["query_ms"]
+        marker = "*" if name == "zero_shot" else "o"
+        ax.scatter(total, row["top1"], s=80 if marker == "*" else 40, marker=marker)
+        ax.annotate(name, (total, row["top1"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    ax.set(xlabel="ms per image (encoder + query)", ylabel="top-1", title="accuracy vs time per probe point", ylim=(0, 1.02), xlim=(0, None))
+    _save(fig, path)
+
+
+def probe_similarity_histograms(neighbours: pd.DataFrame, path: Path) -> None:
+    """Per probe: top-1 neighbour similarity of correct vs wrong k-NN predictions."""
+    probes = list(dict.fromkeys(neighbours["probe"]))
+    fig, axes = plt.subplots(1, len(probes), figsize=(3.2 * len(probes), 2.8), squeeze=False)
+    for ax, name in zip(axes[0], probes):
+        rows = neighbours[neighbours["probe"] == name]
+        bins = np.histogram_bin_edges(rows["top1_similarity"], bins=20)
+        for correct, colour, label in ((True, "tab:green", "correct"), (False, "tab:red", "wrong")):
+            ax.hist(rows.loc[rows["correct"] == correct, "top1_similarity"], bins=bins, alpha=0.6, color=colour, label=label)
+        ax.set(title=name, xlabel="top-1 neighbour similarity")
+        ax.legend(fontsize=7)
+    _save(fig, path)

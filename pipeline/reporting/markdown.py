@@ -22,6 +22,29 @@ def _section(title: str, block: dict, keys: list[str] | None = None) -> str:
     return f"## {title}\n\n{_table([(k, block[k]) for k in keys if k in block])}\n"
 
 
+def probe_table(probe: dict, figures: dict[str, str]) -> str:
+    """Layer probe rows: k-NN on features cut at each depth, with the zero-shot baseline row."""
+    if "skipped" in probe:
+        return f"## Layer probe\n\nSkipped: {probe['skipped']}.\n"
+    lines = [
+        "## Layer probe",
+        "",
+        "k-NN vote over train-split features taken at each depth; the encoder stops at that depth. Times are per "
+        "test image over the whole split (warm-up excluded), encoder and index query measured apart. "
+        "`zero_shot` is the full encoder with class prompts.",
+        "",
+        "| probe | top1 | top5 | encode ms | query ms | dim |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for name, row in probe.items():
+        lines.append(
+            f"| {name} | {_fmt(row['top1'])} | {_fmt(row.get('top5', '-'))} | {row['encode_ms']:.4f} | {row['query_ms']:.4f} | {row['dim']} |"
+        )
+    lines.append("")
+    lines += [f"![{alt}]({figures[role]})\n" for role, alt in (("probe_tradeoff", "accuracy vs time"), ("probe_similarity", "top-1 neighbour similarity")) if role in figures]
+    return "\n".join(lines)
+
+
 def methods_table(methods: dict) -> str:
     """The rows of reports/methods.json (bench/compare_methods.py) side by side."""
     rows = methods.get("rows", [])
@@ -109,6 +132,7 @@ def render(metrics: dict, figures: dict[str, str], methods: dict | None = None) 
     )
     parts.append(_section("Index", metrics["index"], ["factory", "metric", "n", "dim", "recall@10", "qps", "build_s"]))
     parts.append("Recall@10 here is the share of exact-search top-10 neighbours the index returns.\n")
+    parts.append(probe_table(metrics.get("probe", {"skipped": "not run"}), figures))
     if "training_curve" in figures:
         parts += ["## Training", "", f"![training curves]({figures['training_curve']})", ""]
     if methods:

@@ -38,6 +38,7 @@ def write(
     index: LoadedIndex,
     image_root: Path,
     n_examples: int,
+    probe_dir: Path | None = None,
 ) -> dict[str, str]:
     """Write reports/figures and reports/plots for the tasks that ran; returns figure role -> path."""
     zero_shot, retrieval, verification = results["zero_shot"], results["retrieval"], results["verification"]
@@ -80,4 +81,11 @@ def write(
             )
             pd.DataFrame(extras["roc"]).to_csv(plot_dir / "verification_roc.csv", index=False)
 
+        probe = io.read_json(probe_dir / "probe.json") if probe_dir and (probe_dir / "probe.json").exists() else {}
+        if probe.get("points"):
+            figures.probe_tradeoff(probe["points"], figure_dir / "probe_tradeoff.png")
+            figures.probe_similarity_histograms(pd.read_parquet(probe_dir / "neighbours.parquet"), figure_dir / "probe_similarity.png")
+            written.update(probe_tradeoff="figures/probe_tradeoff.png", probe_similarity="figures/probe_similarity.png")
+            rows = [{"probe": name, **row} for name, row in probe["points"].items()]
+            pd.DataFrame(rows).to_csv(plot_dir / "probe.csv", index=False)
     return written

@@ -1,0 +1,94 @@
+"""Probe stage: k-NN classification on features cut at several encoder depths -> artifacts/probe/.
+
+    probe.json          per probe point: top1, top5, encode_ms, query_ms, dim; the zero-shot row
+    neighbours.parquet  per probe and query: top-1 neighbour similarity and whether the vote was right
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import typer
+
+from pipeline import io, params as params_lib
+from pipeline.datasets import load_prepared
+from pipeline.metrics.probe import knn_probe, timed_features, topk_from_scores
+from pipeline.models import load_trained
+from pipeline.models.encode import encode_class_prompts, image_loader
+from pipeline.models.probe import point_name, probe_encoder, resolve_points, tower_depth
+from pipeline.stage import stage_app
+
+
+def main(
+    params_file: Path = typer.Option(params_lib.DEFAULT_PARAMS_FILE, "--params", help="params.yaml to read"),
+    data: Path = typer.Option(Path("data/prepared"), help="prepared dataset folder"),
+    model_dir: Path = typer.Option(Path("artifacts/model"), "--model", help="trained model folder"),
+    out: Path = typer.Option(Path("artifacts/probe"), help="probe results folder (replaced atomically)"),
+) -> None:
+    params = params_lib.load(params_file).probe
+    start = time.perf_counter()
+    loaded, model_info = load_trained(model_dir, params.device)
+    prepared = load_prepared(data)
+    images = prepared.images[prepared.images["label"].notna()]
+    gallery = images[images["split"] == params.gallery_split]
+    queries = images[images["split"] == params.query_split]
+    n_classes = len(prepared.classes)
+    summary: dict = {"k": params.k, "metric": params.metric, "device": str(loaded.device), "batch_size": params.batch_size}
+    rows, neighbour_rows = {}, []
+
+    if gallery.empty or queries.empty or n_classes < 2:
+        summary["skipped"] = (
+            f"needs labelled images in the '{params.gallery_split}' (gallery) and '{params.query_split}' (query) splits and 2+ classes"
+        )
+    else:
+        gallery_labels = gallery["label"].to_numpy().astype(np.int64)
+        query_labels = queries["label"].to_numpy().astype(np.int64)
+
+        def batches(frame):
+            return image_loader(prepared.image_paths(frame), loaded.preprocess, params.batch_size, params.num_workers)
+
+        points = resolve_points(params.points, tower_depth(loaded.model.visual))
+        for point in points:
+            encode = probe_encoder(loaded, point, params.pooling)
+            gallery_features, _ = timed_features(encode, batches(gallery), loaded.device)
+            query_features, encode_s = timed_features(encode, batches(queries), loaded.device)
+            result = knn_probe(gallery_features, gallery_labels, query_features, query_labels, n_classes, params.k, params.metric)
+            name = point_name(point)
+            rows[name] = {
+                **{k: result[k] for k in ("top1", "top5") if k in result},
+                "encode_ms": 1000 * encode_s / len(queries),
+                "query_ms": 1000 * result["query_s"] / len(queries),
+                "dim": int(query_features.shape[1]),
+            }
+            neighbour_rows.append(pd.DataFrame({"probe": name, "top1_similarity": result["top1_similarity"], "correct": result["correct"]}))
+            typer.echo(f"probe {name:<10} top1 {rows[name]['top1']:.3f}  encode {rows[name]['encode_ms']:.3f} ms  query {rows[name]['query_ms']:.3f} ms  dim {rows[name]['dim']}")
+
+        if model_info.get("image_text_aligned", True):
+            # Baseline: the full encoder, then one product with the class-prompt embeddings (encoded once).
+            class_emb = encode_class_prompts(loaded, prepared.class_names, prepared.templates)
+            query_features, encode_s = timed_features(probe_encoder(loaded, "final"), batches(queries), loaded.device)
+            query_start = time.perf_counter()
+            scores = (query_features / np.linalg.norm(query_features, axis=1, keepdims=True)) @ class_emb.T
+            query_s = time.perf_counter() - query_start
+            rows["zero_shot"] = {
+                **topk_from_scores(scores, query_labels),
+                "encode_ms": 1000 * encode_s / len(queries),
+                "query_ms": 1000 * query_s / len(queries),
+                "dim": int(class_emb.shape[1]),
+            }
+        summary.update(n_gallery=len(gallery), n_queries=len(queries))
+    summary["probe_s"] = round(time.perf_counter() - start, 3)
+
+    with io.atomic_dir(out) as tmp:
+        io.write_json(tmp / "probe.json", {**summary, "points": rows})
+        frame = pd.concat(neighbour_rows) if neighbour_rows else pd.DataFrame(columns=["probe", "top1_similarity", "correct"])
+        io.write_parquet(tmp / "neighbours.parquet", frame)
+
+
+app = stage_app(main)
+
+if __name__ == "__main__":
+    app()
