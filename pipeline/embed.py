@@ -25,7 +25,7 @@ from pipeline import io, params as params_lib
 from pipeline.datasets import load_prepared
 from pipeline.models import load_trained
 from pipeline.models.encode import encode_class_prompts, encode_images, encode_texts
-from pipeline.stage import stage_app
+from pipeline.stage import DATA_OPTION, MODEL_OPTION, PARAMS_OPTION, stage_app
 
 IMAGE_META = ["image_id", "path", "split", "label", "class_name"]
 TEXT_META = ["caption_id", "image_id", "split"]
@@ -83,9 +83,9 @@ def embed_into(folder: Path, params: params_lib.EmbedParams, data: Path, model_d
 
 
 def main(
-    params_file: Path = typer.Option(params_lib.DEFAULT_PARAMS_FILE, "--params", help="params.yaml to read"),
-    data: Path = typer.Option(Path("data/prepared"), help="prepared dataset folder"),
-    model_dir: Path = typer.Option(Path("artifacts/model"), "--model", help="trained model folder"),
+    params_file: Path = PARAMS_OPTION,
+    data: Path = DATA_OPTION,
+    model_dir: Path = MODEL_OPTION,
     out: Path = typer.Option(Path("artifacts/embeddings"), help="embeddings folder (replaced atomically)"),
 ) -> None:
     params = params_lib.load(params_file).embed

@@ -12,13 +12,13 @@ from pipeline.datasets import load_prepared
 from pipeline.metrics import tasks
 from pipeline.reporting import markdown, outputs
 from pipeline.retrieval import faiss_index
-from pipeline.stage import stage_app
+from pipeline.stage import DATA_OPTION, EMBEDDINGS_OPTION, PARAMS_OPTION, stage_app
 
 
 def main(
-    params_file: Path = typer.Option(params_lib.DEFAULT_PARAMS_FILE, "--params", help="params.yaml to read"),
-    data: Path = typer.Option(Path("data/prepared"), help="prepared dataset folder"),
-    embeddings: Path = typer.Option(Path("artifacts/embeddings"), help="embeddings folder"),
+    params_file: Path = PARAMS_OPTION,
+    data: Path = DATA_OPTION,
+    embeddings: Path = EMBEDDINGS_OPTION,
     index_dir: Path = typer.Option(Path("artifacts/index"), "--index", help="index folder"),
     probe_dir: Path = typer.Option(Path("artifacts/probe"), "--probe", help="probe results folder"),
     train_reports: Path = typer.Option(Path("reports/train"), help="training curves folder"),

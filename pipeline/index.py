@@ -9,12 +9,12 @@ import typer
 
 from pipeline import io, params as params_lib
 from pipeline.retrieval import faiss_index
-from pipeline.stage import stage_app
+from pipeline.stage import EMBEDDINGS_OPTION, PARAMS_OPTION, stage_app
 
 
 def main(
-    params_file: Path = typer.Option(params_lib.DEFAULT_PARAMS_FILE, "--params", help="params.yaml to read"),
-    embeddings: Path = typer.Option(Path("artifacts/embeddings"), help="embeddings folder"),
+    params_file: Path = PARAMS_OPTION,
+    embeddings: Path = EMBEDDINGS_OPTION,
     out: Path = typer.Option(Path("artifacts/index"), help="index folder (replaced atomically)"),
 ) -> None:
     params = params_lib.load(params_file).index

@@ -7,11 +7,11 @@ from pathlib import Path
 import typer
 
 from pipeline import datasets, params as params_lib
-from pipeline.stage import stage_app
+from pipeline.stage import PARAMS_OPTION, stage_app
 
 
 def main(
-    params_file: Path = typer.Option(params_lib.DEFAULT_PARAMS_FILE, "--params", help="params.yaml to read"),
+    params_file: Path = PARAMS_OPTION,
     out: Path = typer.Option(Path("data/prepared"), help="output folder (replaced atomically)"),
 ) -> None:
     params = params_lib.load(params_file).data

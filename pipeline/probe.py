@@ -19,13 +19,13 @@ from pipeline.metrics.probe import knn_probe, timed_features, topk_from_scores
 from pipeline.models import load_trained
 from pipeline.models.encode import encode_class_prompts, image_loader
 from pipeline.models.probe import point_name, probe_encoder, resolve_points, tower_depth
-from pipeline.stage import stage_app
+from pipeline.stage import DATA_OPTION, MODEL_OPTION, PARAMS_OPTION, stage_app
 
 
 def main(
-    params_file: Path = typer.Option(params_lib.DEFAULT_PARAMS_FILE, "--params", help="params.yaml to read"),
-    data: Path = typer.Option(Path("data/prepared"), help="prepared dataset folder"),
-    model_dir: Path = typer.Option(Path("artifacts/model"), "--model", help="trained model folder"),
+    params_file: Path = PARAMS_OPTION,
+    data: Path = DATA_OPTION,
+    model_dir: Path = MODEL_OPTION,
     out: Path = typer.Option(Path("artifacts/probe"), help="probe results folder (replaced atomically)"),
 ) -> None:
     params = params_lib.load(params_file).probe

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import functools
 import logging
+from pathlib import Path
 from typing import Callable
 
 import typer
 
 from pipeline.datasets.base import DatasetError
 from pipeline.models import ModelError
-from pipeline.params import ParamsError
+from pipeline.params import DEFAULT_PARAMS_FILE, ParamsError
 from pipeline.predict import PredictError
 from pipeline.retrieval.faiss_index import IndexBuildError
 
@@ -36,3 +37,10 @@ def stage_app(main: Callable) -> typer.Typer:
     app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
     app.command()(user_errors_exit_cleanly(main))
     return app
+
+
+# Inputs several stages read, declared once so their flags and help read the same everywhere.
+PARAMS_OPTION = typer.Option(DEFAULT_PARAMS_FILE, "--params", help="params.yaml to read")
+DATA_OPTION = typer.Option(Path("data/prepared"), "--data", help="prepared dataset folder")
+MODEL_OPTION = typer.Option(Path("artifacts/model"), "--model", help="trained model folder")
+EMBEDDINGS_OPTION = typer.Option(Path("artifacts/embeddings"), "--embeddings", help="embeddings folder")

@@ -13,14 +13,14 @@ from pipeline.datasets import load_prepared
 from pipeline.training.clip import train_clip, validation_recall
 from pipeline.training.metric import train_siamese, train_triplet
 from pipeline.training.optim import seed_everything
-from pipeline.stage import stage_app
+from pipeline.stage import DATA_OPTION, PARAMS_OPTION, stage_app
 
 TRAINERS = {"clip": train_clip, "siamese": train_siamese, "triplet": train_triplet}
 
 
 def main(
-    params_file: Path = typer.Option(params_lib.DEFAULT_PARAMS_FILE, "--params", help="params.yaml to read"),
-    data: Path = typer.Option(Path("data/prepared"), help="prepared dataset folder"),
+    params_file: Path = PARAMS_OPTION,
+    data: Path = DATA_OPTION,
     out: Path = typer.Option(Path("artifacts/model"), help="model folder (replaced atomically)"),
     reports: Path = typer.Option(Path("reports/train"), help="training curves folder"),
 ) -> None:

@@ -60,7 +60,7 @@ def image_features(loaded: LoadedModel, images: torch.Tensor) -> torch.Tensor:
 @torch.inference_mode()
 def encode_image_batches(loaded: LoadedModel, batches, desc: str = "images") -> np.ndarray:
     """Encode an iterable of image tensors (B, 3, H, W)."""
-    model, device = loaded.model, loaded.device
+    device = loaded.device
     out = []
     for batch in tqdm(batches, desc=desc, leave=False, disable=None):
         with autocast(device):
