@@ -51,10 +51,13 @@ def main(
             return image_loader(prepared.image_paths(frame), loaded.preprocess, params.batch_size, params.num_workers)
 
         points = resolve_points(params.points, tower_depth(loaded.model.visual))
+        final = None  # the full encoder's query features and time, shared with the zero-shot row
         for point in points:
             encode = probe_encoder(loaded, point, params.pooling)
             gallery_features, _ = timed_features(encode, batches(gallery), loaded.device)
             query_features, encode_s = timed_features(encode, batches(queries), loaded.device)
+            if point == "final":
+                final = (query_features, encode_s)
             result = knn_probe(gallery_features, gallery_labels, query_features, query_labels, n_classes, params.k, params.metric)
             name = point_name(point)
             rows[name] = {
@@ -69,7 +72,7 @@ def main(
         if model_info.get("image_text_aligned", True):
             # Baseline: the full encoder, then one product with the class-prompt embeddings (encoded once).
             class_emb = encode_class_prompts(loaded, prepared.class_names, prepared.templates)
-            query_features, encode_s = timed_features(probe_encoder(loaded, "final"), batches(queries), loaded.device)
+            query_features, encode_s = final or timed_features(probe_encoder(loaded, "final"), batches(queries), loaded.device)
             query_start = time.perf_counter()
             scores = (query_features / np.linalg.norm(query_features, axis=1, keepdims=True)) @ class_emb.T
             query_s = time.perf_counter() - query_start
