@@ -36,7 +36,7 @@ DEFAULT_OVERRIDES = [
     "index.search_params=",
     # The tiny model starts from random weights: its whole tower must learn, at the full rate.
     "train.triplet.head_epochs=2",
-    "train.triplet.unfreeze_blocks=5",
+    "train.triplet.unfreeze_blocks=4",
     "train.triplet.backbone_lr_scale=1.0",
 ]
 KEYS = {

@@ -18,42 +18,35 @@ class ProjectionHead(nn.Module):
         return self.proj(features)
 
 
-def tower_blocks(visual: nn.Module) -> list[nn.Module]:
-    """The image tower's blocks, input to output, each ending with what maps to the embedding.
-
-    ViT: transformer blocks, then the final norm + projection. ResNet: stages 1-4, then attention pool.
-    """
+def tower_blocks(visual: nn.Module) -> tuple[list[nn.Module], list[nn.Module | nn.Parameter]]:
+    """The tower's blocks, input to output (ViT: transformer blocks; ResNet: the four stages), and
+    what follows the last block on the way to the embedding (final norm + projection, or attention pool)."""
     if hasattr(visual, "transformer") and hasattr(visual.transformer, "resblocks"):
-        blocks = list(visual.transformer.resblocks)
-        blocks.append(_ParamsOf(visual, ["ln_post", "proj"]))
-        return blocks
+        tail = [item for item in (getattr(visual, "ln_post", None), getattr(visual, "proj", None)) if item is not None]
+        return list(visual.transformer.resblocks), tail
     if all(hasattr(visual, f"layer{i}") for i in range(1, 5)):
-        return [visual.layer1, visual.layer2, visual.layer3, visual.layer4, visual.attnpool]
-    raise ValueError(f"train.triplet.unfreeze_blocks: cannot find the blocks of a {type(visual).__name__} image tower")
+        return [visual.layer1, visual.layer2, visual.layer3, visual.layer4], [visual.attnpool]
+    raise ValueError(f"cannot find the blocks of a {type(visual).__name__} image tower")
 
 
-class _ParamsOf(nn.Module):
-    """Groups loose attributes of a module (ln_post, proj) so they unfreeze together."""
-
-    def __init__(self, owner: nn.Module, names: list[str]):
-        super().__init__()
-        self._tensors = [getattr(owner, n) for n in names if getattr(owner, n, None) is not None]
-
-    def parameters(self, recurse: bool = True):
-        for item in self._tensors:
-            if isinstance(item, nn.Module):
-                yield from item.parameters(recurse)
-            else:
-                yield item
+def _parameters(item: nn.Module | nn.Parameter) -> list[nn.Parameter]:
+    return list(item.parameters()) if isinstance(item, nn.Module) else [item]
 
 
-def unfreeze_last_blocks(visual: nn.Module, n: int) -> list[nn.Parameter]:
-    """Freeze the whole tower, then make the last n blocks trainable; returns their parameters."""
+def unfreeze_last_blocks(visual: nn.Module, n: int) -> tuple[list[nn.Parameter], list[nn.Module]]:
+    """Freeze the tower, then make its last n blocks trainable, with what follows them.
+
+    Returns the trainable parameters and the modules to put in train mode.
+    """
     for param in visual.parameters():
         param.requires_grad_(False)
-    params = []
-    for block in tower_blocks(visual)[-n:] if n > 0 else []:
-        for param in block.parameters():
-            param.requires_grad_(True)
-            params.append(param)
-    return params
+    if n <= 0:
+        return [], []
+    blocks, tail = tower_blocks(visual)
+    if n > len(blocks):
+        raise ValueError(f"train.triplet.unfreeze_blocks: {n} > the tower's {len(blocks)} blocks")
+    modules = blocks[-n:] + [item for item in tail if isinstance(item, nn.Module)]
+    params = [p for item in blocks[-n:] + tail for p in _parameters(item)]
+    for param in params:
+        param.requires_grad_(True)
+    return params, modules

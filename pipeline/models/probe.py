@@ -13,6 +13,7 @@ from torch import nn
 
 from pipeline.models import LoadedModel
 from pipeline.models.encode import image_features
+from pipeline.models.heads import tower_blocks
 
 
 def _is_vit(visual: nn.Module) -> bool:
@@ -21,11 +22,10 @@ def _is_vit(visual: nn.Module) -> bool:
 
 def tower_depth(visual: nn.Module) -> int:
     """Number of probe-able blocks: transformer blocks (ViT) or residual stages (ResNet)."""
-    if _is_vit(visual):
-        return len(visual.transformer.resblocks)
-    if all(hasattr(visual, f"layer{i}") for i in range(1, 5)):
-        return 4
-    raise ValueError(f"probe: cannot cut a {type(visual).__name__} image tower into blocks")
+    try:
+        return len(tower_blocks(visual)[0])
+    except ValueError as err:
+        raise ValueError(f"probe: {err}") from None
 
 
 def resolve_points(points: list, depth: int) -> list:

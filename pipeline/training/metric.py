@@ -26,7 +26,7 @@ from pipeline.metrics.metric_learning import accuracy_at_r, self_excluded_neighb
 from pipeline.metrics.verification import make_pairs
 from pipeline.models import LoadedModel
 from pipeline.models.encode import autocast, encode_image_batches, image_features, image_loader
-from pipeline.models.heads import ProjectionHead, tower_blocks, unfreeze_last_blocks
+from pipeline.models.heads import ProjectionHead, unfreeze_last_blocks
 from pipeline.params import TrainParams
 from pipeline.training.checkpoints import TrainResult, snapshot
 from pipeline.training.losses import all_triplets_loss, contrastive_loss, pair_distance, triplet_margin_loss
@@ -271,7 +271,7 @@ def train_triplet(loaded: LoadedModel, prepared: Prepared, params: TrainParams) 
     last_epoch = params.epochs
 
     # Stage 1: the head alone on the frozen tower.
-    tail_params, tail_modules = [], []
+    tail_modules: list[torch.nn.Module] = []
     head_group = {"params": list(loaded.image_head.parameters()), "weight_decay": params.weight_decay}
     if head_epochs:
         optimizer = build_optimizer([head_group], params.optimizer, params.lr)
@@ -283,8 +283,7 @@ def train_triplet(loaded: LoadedModel, prepared: Prepared, params: TrainParams) 
             return _finish(loaded, params, result, validator, result.stopped_early_at)
     # Stage 2: the last N blocks too, at a lower learning rate.
     if params.epochs > head_epochs:
-        tail_params = unfreeze_last_blocks(model.visual, cfg.unfreeze_blocks)
-        tail_modules = tower_blocks(model.visual)[-cfg.unfreeze_blocks :] if cfg.unfreeze_blocks else []
+        tail_params, tail_modules = unfreeze_last_blocks(model.visual, cfg.unfreeze_blocks)
         groups = [head_group]
         if tail_params:
             groups.append({"params": tail_params, "weight_decay": params.weight_decay, "lr": params.lr * cfg.backbone_lr_scale})
