@@ -1,6 +1,6 @@
 """Train and evaluate several `train.method`s on one configuration; write reports/methods.json.
 
-Each method runs the five stages in a scratch folder (the project's params.yaml with the
+Each method runs the stages evaluate needs (not the probe) in a scratch folder (the project's params.yaml with the
 overrides below), so the project's own outputs are untouched. `evaluate` reads methods.json
 into the "Methods compared" table of reports/report.md; after running this, `dvc repro`
 refreshes the report (only evaluate reruns).

@@ -1,4 +1,4 @@
-"""One real `dvc repro` of the five stages on a small config, and DVC's change tracking."""
+"""One real `dvc repro` of the whole pipeline on a small config, and DVC's change tracking."""
 
 import json
 import shutil
