@@ -23,6 +23,8 @@ from typing import Optional
 import typer
 import yaml
 
+from pipeline.params import apply_override
+
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ["prepare", "train", "embed", "index", "evaluate"]
 # Re-identification setting: test identities never appear in training.
@@ -51,19 +53,10 @@ KEYS = {
 }
 
 
-def _apply(params: dict, override: str) -> None:
-    key, value = override.split("=", 1)
-    *parents, leaf = key.split(".")
-    node = params
-    for part in parents:
-        node = node.setdefault(part, {})
-    node[leaf] = yaml.safe_load(value) if value else ""
-
-
 def run_method(method: str, overrides: list[str], workdir: Path) -> dict:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     for override in overrides + [f"train.method={method}"]:
-        _apply(params, override)
+        apply_override(params, override)
     (workdir / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     for stage in STAGES:
         start = time.perf_counter()

@@ -213,6 +213,21 @@ class Params(_Section):
     evaluate: EvaluateParams = EvaluateParams()
 
 
+def apply_override(raw: dict, override: str) -> None:
+    """Apply one `dotted.key=value` override (as `dvc exp run -S` takes it) to a raw params dict.
+
+    The value is read as YAML, so numbers, booleans and lists keep their types; empty is "".
+    """
+    key, sep, value = override.partition("=")
+    if not sep or not key:
+        raise ParamsError(f"override {override!r}: expected KEY=VALUE, e.g. train.epochs=5")
+    *parents, leaf = key.split(".")
+    node = raw
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[leaf] = yaml.safe_load(value) if value else ""
+
+
 def _format_error(err: ValidationError, source: str) -> str:
     lines = [f"{source}: invalid params"]
     for problem in err.errors():

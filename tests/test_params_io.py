@@ -102,3 +102,12 @@ def test_params_yaml_spells_out_every_key():
 def test_threshold_cannot_be_tuned_on_the_split_it_is_scored_on():
     with pytest.raises(params.ParamsError, match="evaluate: Value error, threshold_split must differ"):
         params.parse({"evaluate": {"split": "test", "threshold_split": "test"}})
+
+
+def test_overrides_keep_yaml_types_and_reject_malformed_ones():
+    raw = {}
+    for override in ["train.epochs=5", "probe.points=[pixels,3,final]", "index.search_params=", "data.download=false"]:
+        params.apply_override(raw, override)
+    assert raw == {"train": {"epochs": 5}, "probe": {"points": ["pixels", 3, "final"]}, "index": {"search_params": ""}, "data": {"download": False}}
+    with pytest.raises(params.ParamsError, match="expected KEY=VALUE"):
+        params.apply_override(raw, "train.epochs")

@@ -15,14 +15,6 @@ def _commands() -> list[str]:
     return [line for line in (ROOT / "README.md").read_text().splitlines() if line.startswith("dvc exp run")]
 
 
-def _apply(raw: dict, dotted: str, value) -> None:
-    *parents, leaf = dotted.split(".")
-    node = raw
-    for key in parents:
-        node = node.setdefault(key, {})
-    node[leaf] = value
-
-
 def test_readme_has_a_profile_per_real_source():
     sources = {m.group(1) for c in _commands() for m in [re.search(r"data\.source=(\w+)", c)] if m}
     assert sources == {"imagenet", "flickr8k", "cifar10", "folder"}
@@ -35,8 +27,7 @@ def test_every_readme_command_validates():
         overrides = [words[i + 1] for i, w in enumerate(words) if w == "-S"]
         assert overrides, command
         for override in overrides:
-            key, value = override.split("=", 1)
-            _apply(raw, key, yaml.safe_load(value))
+            params.apply_override(raw, override)
         parsed = params.parse(raw, source=command)  # raises ParamsError naming the bad key
         if "data.source=" in command:  # the real-dataset profiles all use OpenAI's ViT-B/32
             assert parsed.model.name == "ViT-B-32" and parsed.model.pretrained == "openai", command

@@ -94,9 +94,10 @@ def _labelled(images: pd.DataFrame, image_emb: np.ndarray, split: str) -> tuple[
     return image_emb[mask], images.loc[mask, "label"].to_numpy().astype(np.int64)
 
 
-def _has_pairs(labels: np.ndarray) -> bool:
+def has_pairs(labels: np.ndarray) -> bool:
+    """True when the labels give at least one same-class pair and one different-class pair."""
     counts = np.bincount(labels) if len(labels) else np.array([])
-    return (counts >= 2).any() and (counts > 0).sum() >= 2
+    return bool((counts >= 2).any() and (counts > 0).sum() >= 2)
 
 
 def verification(
@@ -107,7 +108,7 @@ def verification(
     chosen_on, chosen_labels = _labelled(images, image_emb, threshold_split)
     scored_on, scored_labels = _labelled(images, image_emb, split)
     for name, labels in ((threshold_split, chosen_labels), (split, scored_labels)):
-        if not _has_pairs(labels):
+        if not has_pairs(labels):
             return TaskResult(skipped(f"the '{name}' split needs 2+ labelled classes, one with 2+ images, to form same/different pairs"))
 
     def distances(emb, labels):
@@ -130,7 +131,7 @@ def metric_learning(images: pd.DataFrame, image_emb: np.ndarray, split: str) -> 
     """Each image of `split` queries the others (exact FAISS search, itself left out):
     precision@1, R-precision and MAP@R as pytorch-metric-learning defines them."""
     emb, labels = _labelled(images, image_emb, split)
-    if not _has_pairs(labels):
+    if not has_pairs(labels):
         return TaskResult(skipped(f"the '{split}' split needs 2+ labelled classes, one with 2+ images"))
     relevant = np.bincount(labels)[labels] - 1
     neighbour_labels, relevant = self_excluded_neighbours(emb, labels, k=int(relevant.max()))

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from pipeline.datasets import Prepared
 from pipeline.datasets.base import load_rgb
 from pipeline.metrics.metric_learning import accuracy_at_r, self_excluded_neighbours
+from pipeline.metrics.tasks import has_pairs
 from pipeline.metrics.verification import make_pairs
 from pipeline.models import LoadedModel
 from pipeline.models.encode import autocast, encode_image_batches, image_features, image_loader
@@ -87,9 +88,7 @@ class Validator:
         self.images = labelled_split(prepared, "val", MAX_VAL_IMAGES, params.seed)
         self.labels = self.images["label"].to_numpy().astype(np.int64)
         self.loader = image_loader(prepared.image_paths(self.images), loaded.preprocess, batch_size)
-        counts = np.bincount(self.labels) if len(self.labels) else np.zeros(0, dtype=int)
-        # Needs a same-class pair and a different-class pair to measure anything.
-        self.usable = (counts >= 2).any() and (counts > 0).sum() >= 2
+        self.usable = has_pairs(self.labels)
         if self.usable and params.method == "siamese":
             # Fixed pairs, so epochs are compared on the same validation task.
             self.pairs = make_pairs(self.labels, seed=params.seed)
