@@ -1,18 +1,17 @@
 """The `clipline` console script: commands people run against the pipeline's outputs.
 
-Later commands (search, classify, verify, similar, serve) use the same artifacts.
+`info` reads the reports; `verify` and `similar` load the trained model and index once through
+`pipeline.predict.Predictor`. The artifact locations are options of the app, before the command.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-
-import typer
-
 from typing import Optional
 
 import pandas as pd
+import typer
 
 from pipeline import io
 from pipeline.predict import PredictError, Predictor
