@@ -20,6 +20,7 @@ import pandas as pd
 
 from pipeline import io
 from pipeline.datasets.base import DatasetError
+from pipeline.metrics.verification import pair_distances
 from pipeline.models import LoadedModel, load_trained
 from pipeline.models.encode import encode_images
 from pipeline.retrieval import faiss_index
@@ -93,9 +94,12 @@ class Predictor:
             raise PredictError(f"pairs need columns image1 and image2; missing {sorted(missing)}")
         t = self.threshold(threshold)
         paths = pd.unique(pd.concat([pairs["image1"], pairs["image2"]]).astype(str))
-        emb = dict(zip(paths, self.embed(paths)))
+        row = {path: i for i, path in enumerate(paths)}
+        first = np.array([row[str(p)] for p in pairs["image1"]])
+        second = np.array([row[str(p)] for p in pairs["image2"]])
         out = pairs.copy()
-        out["distance"] = [float(np.linalg.norm(emb[str(a)] - emb[str(b)])) for a, b in zip(pairs["image1"], pairs["image2"])]
+        # The distance evaluate chose the threshold on, so the two always agree.
+        out["distance"] = pair_distances(self.embed(paths), first, second)
         out["same"] = out["distance"] <= t
         out["threshold"] = t
         out["confidence"] = [self._confidence(d, t, s) for d, s in zip(out["distance"], out["same"])]

@@ -15,7 +15,7 @@ import typer
 
 from pipeline import io, params as params_lib
 from pipeline.datasets import load_prepared
-from pipeline.metrics.probe import knn_probe, timed_features, topk_from_scores
+from pipeline.metrics.probe import knn_probe, normalise, timed_features, topk_from_scores
 from pipeline.models import load_trained
 from pipeline.models.encode import encode_class_prompts, image_loader
 from pipeline.models.probe import point_name, probe_encoder, resolve_points, tower_depth
@@ -74,7 +74,7 @@ def main(
             class_emb = encode_class_prompts(loaded, prepared.class_names, prepared.templates)
             query_features, encode_s = final or timed_features(probe_encoder(loaded, "final"), batches(queries), loaded.device)
             query_start = time.perf_counter()
-            scores = (query_features / np.linalg.norm(query_features, axis=1, keepdims=True)) @ class_emb.T
+            scores = normalise(query_features) @ class_emb.T
             query_s = time.perf_counter() - query_start
             rows["zero_shot"] = {
                 **topk_from_scores(scores, query_labels),

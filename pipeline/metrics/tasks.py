@@ -30,16 +30,15 @@ def zero_shot(images: pd.DataFrame, image_emb: np.ndarray, class_emb: np.ndarray
     """Top-1/top-5 of image -> class-prompt similarity on the labelled images of `split`."""
     if len(class_names) < 2:
         return TaskResult(skipped("the dataset has no classes (zero-shot needs at least 2)"))
-    mask = ((images["split"] == split) & images["label"].notna()).to_numpy()
-    if not mask.any():
+    emb, labels = _labelled(images, image_emb, split)
+    if len(labels) == 0:
         return TaskResult(skipped(f"no labelled images in the '{split}' split"))
-    labels = images.loc[mask, "label"].to_numpy().astype(np.int64)
-    scores = zero_shot_scores(image_emb[mask], class_emb)
+    scores = zero_shot_scores(emb, class_emb)
     predicted = scores.argmax(axis=1)
     metrics = {
         **top_k_accuracy(labels, scores, (1, 5)),
         "chance_top1": chance_top1(len(class_names)),
-        "n": int(mask.sum()),
+        "n": int(len(labels)),
         "n_classes": len(class_names),
     }
     rows = [{"actual": class_names[a], "predicted": class_names[p]} for a, p in zip(labels, predicted)]
