@@ -7,6 +7,8 @@ for `embed` and the user commands.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import socket
 from dataclasses import dataclass
@@ -158,13 +160,30 @@ def save_trained(model_dir: Path, loaded: LoadedModel, info: dict[str, Any], che
     io.write_json(model_dir / MODEL_JSON, {"name": loaded.name, "pretrained": loaded.pretrained, **info})
 
 
+class _DropRandomInitWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No pretrained weights loaded")
+
+
+@contextlib.contextmanager
+def _quiet_random_init_warning():
+    root, drop = logging.getLogger(), _DropRandomInitWarning()
+    root.addFilter(drop)  # open_clip logs it through the root logger
+    try:
+        yield
+    finally:
+        root.removeFilter(drop)
+
+
 def load_trained(model_dir: str | Path = "artifacts/model", device: str = "auto") -> tuple[LoadedModel, dict]:
     """Rebuild the model that `train` left behind; returns it in eval mode with its model.json."""
     model_dir = Path(model_dir)
     info = io.read_json(model_dir / MODEL_JSON)
     checkpoint = info.get("checkpoint")
-    # A trained checkpoint holds every weight, so the base weights need not be fetched again.
-    loaded = create_model(info["name"], "none" if checkpoint else info["pretrained"], device)
+    # A trained checkpoint holds every weight, so the base weights need not be fetched again, and
+    # open_clip's "initialized randomly" warning would be wrong: the checkpoint loads right after.
+    with _quiet_random_init_warning() if checkpoint else contextlib.nullcontext():
+        loaded = create_model(info["name"], "none" if checkpoint else info["pretrained"], device)
     loaded.pretrained = info["pretrained"]
     if checkpoint:
         state = torch.load(model_dir / checkpoint, map_location=loaded.device, weights_only=True)
