@@ -1,14 +1,15 @@
 """The `clipline` console script: commands people run against the pipeline's outputs.
 
-`info` reads the reports; `verify` and `similar` load the trained model and index once through
-`pipeline.predict.Predictor`. The artifact locations are options of the app, before the command.
+`info` reads the reports; `search`, `similar`, `classify`, `verify`, `add` and `serve` load the
+trained model and the gallery index once through `pipeline.predict.Predictor`. The artifact
+locations are options of the app, before the command (clipline --model M search ...).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import pandas as pd
 import typer
@@ -51,10 +52,62 @@ class Artifacts:
     index: Path
     data: Path
     metrics: Path
+    embeddings: Path
+    gallery: Optional[Path]
     device: str
 
     def predictor(self) -> Predictor:
-        return Predictor.from_artifacts(self.model, self.index, self.data, self.metrics, self.device)
+        return Predictor.from_artifacts(self.model, self.index, self.data, self.metrics, self.device, self.embeddings, self.gallery)
+
+
+def _print_table(rows: Sequence[dict]) -> None:
+    """Aligned columns with a header; floats to 4 decimals, missing values blank."""
+    if not rows:
+        typer.echo("(nothing found)")
+        return
+    cells = [[("" if v is None or (isinstance(v, float) and pd.isna(v)) else f"{v:.4f}" if isinstance(v, float) else str(v)) for v in row.values()] for row in rows]
+    header = list(rows[0].keys())
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(header)]
+    typer.echo("  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip())
+    for row in cells:
+        typer.echo("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+
+
+def _show_hits(hits: pd.DataFrame, out: Optional[Path], query_image: Optional[Path] = None, query_text: Optional[str] = None) -> None:
+    _print_table(
+        [
+            {"rank": rank, "score": float(hit.score), "image_id": hit.image_id, "class": None if pd.isna(hit.class_name) else hit.class_name, "path": hit.full_path}
+            for rank, hit in enumerate(hits.itertuples(), start=1)
+        ]
+    )
+    if out is not None:
+        from pipeline.reporting.figures import contact_sheet  # matplotlib only when a sheet is asked for
+
+        contact_sheet(hits, out, query_image=query_image, query_text=query_text)
+        typer.echo(f"contact sheet -> {out}")
+
+
+TOP_K_OPTION = typer.Option(5, "--top-k", "-k", help="how many results")
+SHEET_OPTION = typer.Option(None, "--out", help="write a contact sheet (PNG) of the query and its results")
+
+
+@app.command()
+@user_errors_exit_cleanly
+def search(
+    ctx: typer.Context,
+    text: Optional[str] = typer.Option(None, "--text", "-t", help="find images matching this text"),
+    image: Optional[Path] = typer.Option(None, "--image", "-i", help="find images similar to this one"),
+    top_k: int = TOP_K_OPTION,
+    out: Optional[Path] = SHEET_OPTION,
+) -> None:
+    """Search the gallery (the pipeline's index plus added images) by text or by image."""
+    if (text is None) == (image is None):
+        raise PredictError("give exactly one of --text or --image")
+    predictor = ctx.obj.predictor()
+    if text is not None:
+        _show_hits(predictor.search_text(text, top_k), out, query_text=text)
+    else:
+        _show_hits(predictor.similar(image, top_k), out, query_image=image)
 
 
 @app.command()
@@ -93,20 +146,66 @@ def verify(
 def similar(
     ctx: typer.Context,
     query: Path = typer.Argument(..., help="query image"),
-    top_k: int = typer.Option(5, "--top-k", "-k", help="how many neighbours"),
-    out: Optional[Path] = typer.Option(None, help="write a contact sheet (PNG) of the query and its neighbours"),
+    top_k: int = TOP_K_OPTION,
+    out: Optional[Path] = SHEET_OPTION,
 ) -> None:
-    """The nearest images in the index, with their similarity scores."""
-    predictor = ctx.obj.predictor()
-    hits = predictor.similar(query, top_k)
-    for rank, hit in enumerate(hits.itertuples(), start=1):
-        label = "" if pd.isna(hit.class_name) else f"  {hit.class_name}"
-        typer.echo(f"{rank:>3}  {hit.score:.4f}  {hit.image_id}{label}  {hit.full_path}")
-    if out is not None:
-        from pipeline.reporting.figures import contact_sheet  # matplotlib only when a sheet is asked for
+    """The nearest images to QUERY, with their similarity scores (the same as search --image)."""
+    _show_hits(ctx.obj.predictor().similar(query, top_k), out, query_image=query)
 
-        contact_sheet(query, hits, out)
-        typer.echo(f"contact sheet -> {out}")
+
+@app.command()
+@user_errors_exit_cleanly
+def classify(
+    ctx: typer.Context,
+    image: Path = typer.Argument(..., help="image to classify"),
+    labels: Optional[str] = typer.Option(None, help='comma-separated candidate labels, e.g. "cat,dog,car"'),
+    classes_from_dataset: bool = typer.Option(False, "--classes-from-dataset", help="use the prepared dataset's classes (the default without --labels)"),
+    top_k: int = TOP_K_OPTION,
+) -> None:
+    """Zero-shot classification with the prompt-template ensemble; probabilities, most likely first."""
+    if labels is not None and classes_from_dataset:
+        raise PredictError("give --labels or --classes-from-dataset, not both")
+    predictions = ctx.obj.predictor().classify(image, None if labels is None else labels.split(","), top_k)
+    _print_table(predictions.to_dict("records"))
+
+
+@app.command()
+@user_errors_exit_cleanly
+def add(
+    ctx: typer.Context,
+    paths: list[Path] = typer.Argument(..., help="image files, or folders (searched recursively)"),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="skip unreadable images (listed) instead of stopping"),
+) -> None:
+    """Embed new images into the gallery so search finds them; an image already there is not added twice."""
+    predictor = ctx.obj.predictor()
+    report = predictor.add(paths, skip_bad)
+    for source, image_id in report.added:
+        typer.echo(f"added      {image_id}  {source}")
+    for source, image_id in report.duplicates:
+        typer.echo(f"duplicate  {image_id}  {source}  (same content already in the gallery)")
+    for source, why in report.rejected:
+        typer.echo(f"rejected   {source}: {why}")
+    if report.ignored:
+        typer.echo(f"ignored {len(report.ignored)} files without an image extension, e.g. {report.ignored[0]}")
+    typer.echo(
+        f"{len(report.added)} added, {len(report.duplicates)} already present, {len(report.rejected)} rejected; "
+        f"the gallery holds {report.total} images -> {predictor.gallery.current}"
+    )
+
+
+@app.command()
+@user_errors_exit_cleanly
+def serve(
+    ctx: typer.Context,
+    host: str = typer.Option("127.0.0.1", help="address to bind; 0.0.0.0 exposes the page to your network"),
+    port: int = typer.Option(7860, help="port"),
+    max_upload_mb: float = typer.Option(10.0, help="largest accepted upload, in MB"),
+    max_pixels: int = typer.Option(25_000_000, help="largest accepted image, in pixels (width x height)"),
+) -> None:
+    """A web page for search, classification, verification and adding images."""
+    from pipeline import web  # gradio only when the page is asked for
+
+    web.serve(ctx.obj.predictor(), host, port, web.UploadLimits(max_upload_mb, max_pixels))
 
 
 @app.callback()
@@ -116,10 +215,12 @@ def main(
     index: Path = typer.Option(Path("artifacts/index"), help="FAISS index folder"),
     data: Path = typer.Option(Path("data/prepared"), help="prepared dataset folder (gallery image paths)"),
     metrics: Path = typer.Option(Path("reports/metrics.json"), help="metrics holding the verification threshold"),
+    embeddings: Path = typer.Option(Path("artifacts/embeddings"), help="embeddings folder (the dataset's class prompts)"),
+    gallery: Optional[Path] = typer.Option(None, help="gallery folder: the index plus images added with `add` [default: gallery/ beside the index folder]"),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
 ) -> None:
     """clipline: a reproducible DVC pipeline for CLIP-style models. Run from the project folder."""
-    ctx.obj = Artifacts(model, index, data, metrics, device)
+    ctx.obj = Artifacts(model, index, data, metrics, embeddings, gallery, device)
 
 
 if __name__ == "__main__":

@@ -14,9 +14,10 @@ from pipeline.models import ModelError
 from pipeline.params import DEFAULT_PARAMS_FILE, ParamsError
 from pipeline.predict import PredictError
 from pipeline.retrieval.faiss_index import IndexBuildError
+from pipeline.retrieval.gallery import GalleryError
 
 # Mistakes in params, data or paths: the message says what is wrong, a traceback would only hide it.
-USER_ERRORS = (ParamsError, DatasetError, ModelError, IndexBuildError, PredictError, FileNotFoundError)
+USER_ERRORS = (ParamsError, DatasetError, ModelError, IndexBuildError, GalleryError, PredictError, FileNotFoundError)
 
 
 def user_errors_exit_cleanly(func: Callable) -> Callable:

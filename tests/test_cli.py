@@ -2,50 +2,10 @@
 
 import pandas as pd
 import pytest
-import yaml
-from typer.testing import CliRunner
+from conftest import invoke as _invoke, runner, where as _where
 
-from pipeline import cli, embed, evaluate, index, prepare, probe, train
+from pipeline import cli
 from pipeline.predict import Predictor
-
-runner = CliRunner()
-TINY = {
-    "data": {"synthetic": {"n_classes": 4, "images_per_class": 8}, "splits": {"train": 0.5, "val": 0.25, "test": 0.25}},
-    "train": {"method": "none"},
-    "index": {"factory": "Flat", "search_params": ""},
-    "evaluate": {"n_examples": 1},
-}
-
-
-def _invoke(app, args):
-    result = runner.invoke(app, [str(a) for a in args])
-    assert result.exit_code == 0, result.output + repr(result.exception)
-    return result.output
-
-
-@pytest.fixture(scope="module")
-def artifacts(tmp_path_factory):
-    root = tmp_path_factory.mktemp("artifacts")
-    params = root / "params.yaml"
-    params.write_text(yaml.safe_dump(TINY))
-    paths = {k: root / v for k, v in {"data": "data/prepared", "model": "artifacts/model", "emb": "artifacts/embeddings", "index": "artifacts/index", "reports": "reports"}.items()}
-    _invoke(prepare.app, ["--params", params, "--out", paths["data"]])
-    _invoke(train.app, ["--params", params, "--data", paths["data"], "--out", paths["model"], "--reports", paths["reports"] / "train"])
-    _invoke(embed.app, ["--params", params, "--data", paths["data"], "--model", paths["model"], "--out", paths["emb"]])
-    _invoke(index.app, ["--params", params, "--embeddings", paths["emb"], "--out", paths["index"]])
-    _invoke(probe.app, ["--params", params, "--data", paths["data"], "--model", paths["model"], "--out", root / "artifacts/probe"])
-    _invoke(
-        evaluate.app,
-        ["--params", params, "--data", paths["data"], "--embeddings", paths["emb"], "--index", paths["index"], "--probe", root / "artifacts/probe",
-         "--train-reports", paths["reports"] / "train", "--reports", paths["reports"], "--methods", root / "none.json"],
-    )
-    images = pd.read_parquet(paths["data"] / "images.parquet")
-    paths["images"] = [paths["data"] / p for p in images["path"]]
-    return paths
-
-
-def _where(paths):
-    return ["--model", paths["model"], "--index", paths["index"], "--data", paths["data"], "--metrics", paths["reports"] / "metrics.json"]
 
 
 def test_verify_two_images_uses_the_threshold_evaluate_chose(artifacts):

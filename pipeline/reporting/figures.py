@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import textwrap
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 import matplotlib
 
@@ -133,12 +133,16 @@ def verification_confusion(confusion: dict, path: Path) -> None:
     _save(fig, path)
 
 
-def contact_sheet(query: Path, hits: pd.DataFrame, path: Path) -> None:
-    """The query image, then its neighbours left to right with rank, score and class."""
+def contact_sheet(hits: pd.DataFrame, path: Path, query_image: Optional[Path] = None, query_text: Optional[str] = None) -> None:
+    """The query (an image, or a text), then its hits left to right with rank, score and class."""
     fig, axes = plt.subplots(1, len(hits) + 1, figsize=(1.8 * (len(hits) + 1), 2.2), squeeze=False)
     axes = axes[0]
-    axes[0].imshow(load_rgb(query))
-    axes[0].set_title("query", fontsize=8)
+    if query_image is not None:
+        axes[0].imshow(load_rgb(query_image))
+        axes[0].set_title("query", fontsize=8)
+    else:
+        axes[0].text(0.5, 0.5, textwrap.fill(query_text or "", 18), ha="center", va="center", fontsize=7, wrap=True)
+        axes[0].set_title("query text", fontsize=8)
     for ax, hit in zip(axes[1:], hits.itertuples()):
         ax.imshow(load_rgb(hit.full_path))
         label = "" if pd.isna(hit.class_name) else f"\n{hit.class_name}"

@@ -1,0 +1,205 @@
+"""`clipline search`, `classify` and `add`, and the gallery behind them, on the tiny artifacts."""
+
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from conftest import invoke, runner, where
+
+from pipeline import cli, index, io
+from pipeline.datasets.synthetic import draw_shape
+from pipeline.predict import PredictError, Predictor
+from pipeline.retrieval.gallery import GalleryError
+
+
+def _predictor(paths, gallery=None) -> Predictor:
+    return Predictor.from_artifacts(
+        paths["model"], paths["index"], paths["data"], paths["reports"] / "metrics.json",
+        embeddings_dir=paths["emb"], gallery_dir=gallery or paths["gallery"],
+    )  # fmt: skip
+
+
+def _table(output: str) -> pd.DataFrame:
+    """The rows of a printed table, cut at the header's column starts (blank cells stay blank)."""
+    lines = [line for line in output.splitlines() if line.strip()]
+    header = lines[0]
+    starts = [i for i, ch in enumerate(header) if ch != " " and (i == 0 or header[i - 1] == " ")]
+    cuts = list(zip(starts, starts[1:] + [None]))
+    return pd.DataFrame([[line[a:b].strip() for a, b in cuts] for line in lines[1:]], columns=header.split())
+
+
+def _new_images(folder):
+    """Two images unlike any in the gallery, a byte-identical copy of one, and a text file."""
+    (folder / "sub").mkdir(parents=True)
+    draw_shape("circle", (200, 30, 30), (255, 255, 255), 64, 30, 34, 14).save(folder / "a.png")
+    draw_shape("square", (30, 200, 30), (20, 20, 20), 64, 32, 32, 20).save(folder / "sub" / "b.png")
+    shutil.copyfile(folder / "sub" / "b.png", folder / "sub" / "b_again.png")
+    (folder / "notes.txt").write_text("not an image")
+    return folder
+
+
+def test_text_search_is_exact_search_over_the_embedded_images(artifacts):
+    texts, text_emb = io.read_embeddings(artifacts["emb"] / "texts")
+    images, image_emb = io.read_embeddings(artifacts["emb"] / "images")
+    caption = pd.read_parquet(artifacts["data"] / "captions.parquet").set_index("caption_id").loc[texts["caption_id"][7], "caption"]
+    out = invoke(cli.app, [*where(artifacts), "search", "--text", caption, "--top-k", "4"])
+    table = _table(out)
+    assert list(table.columns) == ["rank", "score", "image_id", "class", "path"] and len(table) == 4
+    # The query is embedded as embed embedded the captions, and the Flat index is exact search.
+    expected = np.argsort(-(image_emb @ text_emb[7]))[:4]
+    assert list(table["image_id"]) == list(images["image_id"].iloc[expected])
+    assert np.allclose(table["score"].astype(float), (image_emb @ text_emb[7])[expected], atol=1e-4)
+
+
+def test_image_search_finds_the_query_first_and_draws_a_sheet(artifacts, tmp_path):
+    query = artifacts["images"][2]
+    out = invoke(cli.app, [*where(artifacts), "search", "--image", query, "-k", "3", "--out", tmp_path / "sheet.png"])
+    table = _table(out.split("contact sheet")[0])
+    assert table.at[0, "image_id"] == query.stem and float(table.at[0, "score"]) == pytest.approx(1.0, abs=1e-4)
+    assert (tmp_path / "sheet.png").stat().st_size > 1000
+    invoke(cli.app, [*where(artifacts), "search", "--text", "a red circle", "-k", "2", "--out", tmp_path / "text_sheet.png"])
+    assert (tmp_path / "text_sheet.png").stat().st_size > 1000
+
+
+BAD_SEARCHES = [
+    ([], "exactly one of --text or --image"),
+    (["--text", "x", "--image", "y.png"], "exactly one"),
+    (["--text", " "], "empty"),
+    (["--text", "x", "-k", "0"], "at least 1"),
+]
+
+
+@pytest.mark.parametrize("args, message", BAD_SEARCHES)
+def test_search_rejects_bad_requests_clearly(artifacts, args, message):
+    result = runner.invoke(cli.app, [*map(str, where(artifacts)), "search", *args])
+    assert result.exit_code == 1 and message in result.output and "Traceback" not in result.output
+
+
+def test_classify_agrees_with_evaluates_zero_shot_predictions(artifacts):
+    predictor = _predictor(artifacts)
+    images = pd.read_parquet(artifacts["data"] / "images.parquet")
+    test = images[images["split"] == "test"]
+    predicted = [predictor.classify(artifacts["data"] / path, k=1).at[0, "label"] for path in test["path"]]
+    evaluated = pd.read_csv(artifacts["reports"] / "plots" / "zero_shot_predictions.csv")
+    assert predicted == list(evaluated["predicted"])
+    top1 = io.read_json(artifacts["reports"] / "metrics.json")["zero_shot"]["top1"]
+    assert np.mean(np.array(predicted) == test["class_name"].to_numpy()) == pytest.approx(top1)
+
+
+def test_classify_prints_probabilities_sorted_over_the_given_labels(artifacts):
+    out = invoke(cli.app, [*where(artifacts), "classify", artifacts["images"][0], "--labels", "circle, square,circle,triangle", "--top-k", "5"])
+    table = _table(out)
+    assert sorted(table["label"]) == ["circle", "square", "triangle"]  # a repeated label counts once
+    probabilities = table["probability"].astype(float)
+    assert probabilities.is_monotonic_decreasing and probabilities.sum() == pytest.approx(1.0, abs=1e-3)
+    dataset = _table(invoke(cli.app, [*where(artifacts), "classify", artifacts["images"][0], "--classes-from-dataset", "-k", "2"]))
+    assert len(dataset) == 2 and set(dataset["label"]) <= set(pd.read_parquet(artifacts["data"] / "images.parquet")["class_name"])
+
+
+@pytest.mark.parametrize("args, message", [(["--labels", "cat"], "at least two different labels"), (["--labels", "a,b", "--classes-from-dataset"], "not both")])
+def test_classify_rejects_bad_labels(artifacts, args, message):
+    result = runner.invoke(cli.app, [*map(str, where(artifacts)), "classify", str(artifacts["images"][0]), *args])
+    assert result.exit_code == 1 and message in result.output
+
+
+def test_add_then_search_returns_the_added_image_first(artifacts, tmp_path):
+    new = _new_images(tmp_path / "new")
+    gallery = tmp_path / "gallery"
+    base_n = io.read_json(artifacts["index"] / "index.json")["n"]
+    duplicate = tmp_path / "dup.png"
+    shutil.copyfile(artifacts["images"][4], duplicate)
+    out = invoke(cli.app, [*where(artifacts), "--gallery", gallery, "add", new, duplicate])
+    assert "2 added, 2 already present, 0 rejected" in out and f"holds {base_n + 2} images" in out
+    assert f"{artifacts['images'][4].stem}  {duplicate}" in out  # the dataset's copy is recognised by content
+    assert "ignored 1 files" in out
+
+    # The index, the id map and the embeddings Parquet agree; stored files are named by content.
+    added, vectors = io.read_embeddings(gallery / "current" / "added.parquet")
+    ids = pd.read_parquet(gallery / "current" / "ids.parquet")
+    assert len(added) == 2 and vectors.shape == (2, 128) and len(ids) == base_n + 2
+    assert list(ids["image_id"].tail(2)) == list(added["image_id"])
+    assert all((gallery / p).is_file() for p in added["path"])
+
+    for source in (new / "a.png", new / "sub" / "b.png"):
+        table = _table(invoke(cli.app, [*where(artifacts), "--gallery", gallery, "search", "--image", source, "-k", "3"]))
+        assert table.at[0, "image_id"].startswith("added/") and float(table.at[0, "score"]) == pytest.approx(1.0, abs=1e-4)
+        assert table.at[0, "path"].startswith(str(gallery / "store"))
+
+    again = invoke(cli.app, [*where(artifacts), "--gallery", gallery, "add", new / "a.png"])
+    assert "0 added, 1 already present" in again and f"holds {base_n + 2} images" in again
+
+
+def test_add_stops_on_a_corrupt_image_unless_asked_to_skip(artifacts, tmp_path):
+    new = _new_images(tmp_path / "new")
+    (new / "broken.png").write_bytes((new / "a.png").read_bytes()[:60])  # truncated PNG
+    gallery = tmp_path / "gallery"
+    result = runner.invoke(cli.app, [*map(str, where(artifacts)), "--gallery", str(gallery), "add", str(new)])
+    assert result.exit_code == 1 and str(new / "broken.png") in result.output
+    assert not (gallery / "current").exists()  # nothing was added
+
+    out = invoke(cli.app, [*where(artifacts), "--gallery", gallery, "add", new, "--skip-bad"])
+    assert "2 added" in out and "1 rejected" in out and f"rejected   {new / 'broken.png'}: not a readable image" in out
+
+
+def test_an_interrupted_add_leaves_the_previous_gallery(artifacts, tmp_path, monkeypatch):
+    new = _new_images(tmp_path / "new")
+    gallery = tmp_path / "gallery"
+    predictor = _predictor(artifacts, gallery)
+    predictor.add([new / "a.png"])
+    before = pd.read_parquet(gallery / "current" / "ids.parquet")
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # as if the process died while writing the new gallery
+
+    monkeypatch.setattr(io, "write_embedding_shard", killed)
+    with pytest.raises(KeyboardInterrupt):
+        predictor.add([new / "sub"])
+    monkeypatch.undo()
+
+    reopened = _predictor(artifacts, gallery)
+    assert reopened.index.ids["image_id"].tolist() == before["image_id"].tolist()
+    assert sorted(p.name for p in gallery.iterdir()) == [".lock", "current", "store"]  # no half-written folder
+    # The image whose add was interrupted can be added now.
+    assert len(reopened.add([new / "sub"]).added) == 1
+
+
+def test_a_rebuilt_index_re_embeds_the_added_images(artifacts, tmp_path):
+    """After `dvc repro` replaces the index, added images move onto the new one."""
+    base = {**artifacts, "index": tmp_path / "index"}
+    shutil.copytree(artifacts["index"], base["index"])
+    new = _new_images(tmp_path / "new")
+    gallery = tmp_path / "gallery"
+    _predictor(base, gallery).add([new])
+    old_fingerprint = io.read_json(gallery / "current" / "index.json")["base_fingerprint"]
+
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"index": {"factory": "HNSW16", "search_params": "efSearch=32"}}))
+    invoke(index.app, ["--params", params, "--embeddings", artifacts["emb"], "--out", base["index"]])
+    predictor = _predictor(base, gallery)
+    info = io.read_json(gallery / "current" / "index.json")
+    assert info["base_fingerprint"] != old_fingerprint and info["factory"] == "HNSW16" and info["n_added"] == 2
+    assert predictor.similar(new / "a.png", 1).at[0, "image_id"].startswith("added/")
+
+    (gallery / io.read_embeddings(gallery / "current" / "added.parquet")[0]["path"][0]).unlink()
+    (gallery / "current" / "index.json").write_text((gallery / "current" / "index.json").read_text().replace(info["base_fingerprint"], "stale"))
+    with pytest.raises(GalleryError, match="missing from the gallery store"):
+        _predictor(base, gallery)
+
+
+def test_a_gallery_belongs_to_one_index(artifacts, tmp_path):
+    other = tmp_path / "other_index"
+    shutil.copytree(artifacts["index"], other)
+    gallery = tmp_path / "gallery"
+    _predictor(artifacts, gallery).add([_new_images(tmp_path / "new") / "a.png"])
+    with pytest.raises(GalleryError, match="extends the index in .*give this index its own gallery"):
+        _predictor({**artifacts, "index": other}, gallery)
+
+
+def test_text_search_and_classify_refuse_an_image_only_head(artifacts):
+    predictor = _predictor(artifacts)
+    predictor.loaded.image_head = object()  # what a triplet-trained model carries
+    for call in (lambda: predictor.search_text("a circle"), lambda: predictor.classify(artifacts["images"][0])):
+        with pytest.raises(PredictError, match="trained on images only"):
+            call()
