@@ -1,0 +1,214 @@
+"""The web page of `clipline serve`: Gradio tabs over one Predictor, loaded once.
+
+Tabs: text search, image search, zero-shot classification, verification (when evaluate chose a
+threshold) and adding images to the gallery. The page binds to localhost unless told otherwise.
+Uploads are limited in bytes (Gradio's `max_file_size`, enforced while the upload streams in) and
+in pixels (read from the image header, before anything is decoded); a file that is not an image is
+answered with a message that says so.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no usage reports: set before gradio loads
+
+import functools  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Callable, Optional  # noqa: E402
+
+import gradio as gr  # noqa: E402
+import pandas as pd  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from pipeline.datasets.base import DatasetError, load_rgb  # noqa: E402
+from pipeline.predict import Predictor  # noqa: E402
+from pipeline.stage import USER_ERRORS  # noqa: E402
+
+
+@dataclass
+class UploadLimits:
+    max_upload_mb: float = 10.0
+    max_pixels: int = 25_000_000
+
+
+def check_image(path: str | Path, name: str, limits: UploadLimits) -> None:
+    """Raise gr.Error unless `path` is an image within the pixel limit that decodes completely."""
+    try:
+        with Image.open(path) as img:  # reads the header only
+            width, height = img.size
+    except Image.DecompressionBombError:
+        raise gr.Error(f"{name} is too large an image; this page accepts at most {limits.max_pixels:,} pixels") from None
+    except Exception as err:  # PIL raises many types for non-images
+        raise gr.Error(f"{name} is not an image this page can read ({type(err).__name__})") from None
+    if width * height > limits.max_pixels:
+        raise gr.Error(f"{name} is {width}x{height} pixels; this page accepts at most {limits.max_pixels:,} pixels")
+    try:
+        load_rgb(path)  # decodes everything: a truncated file fails here
+    except DatasetError as err:
+        raise gr.Error(f"{name} is not a readable image: {str(err).split(': ', 1)[-1]}") from None
+
+
+def image_upload(label: str, limits: UploadLimits, **kwargs) -> gr.Image:
+    """An image upload whose file is checked by `check_image` before any handler sees it."""
+    component = gr.Image(label=label, type="filepath", image_mode=None, sources=["upload", "clipboard"], **kwargs)
+    plain_preprocess = component.preprocess
+
+    # Wrapped on the instance: a gr.Image subclass would make Gradio write a .pyi beside this module.
+    def checked_preprocess(payload):
+        if payload is None:
+            return None
+        name = payload.orig_name or "the upload"
+        try:
+            path = plain_preprocess(payload)
+        except Exception as err:  # gr.Image opens the file with PIL: a non-image fails here
+            raise gr.Error(f"{name} is not an image this page can read ({type(err).__name__})") from None
+        check_image(path, name, limits)
+        return path
+
+    component.preprocess = checked_preprocess
+    return component
+
+
+def _friendly(handler: Callable) -> Callable:
+    """Show user errors (bad input, missing artifacts) as messages on the page, not tracebacks."""
+
+    @functools.wraps(handler)
+    def wrapper(*args):
+        try:
+            return handler(*args)
+        except USER_ERRORS as err:
+            raise gr.Error(str(err)) from None
+
+    return wrapper
+
+
+def _gallery_items(hits: pd.DataFrame) -> list[tuple[str, str]]:
+    items = []
+    for rank, hit in enumerate(hits.itertuples(), start=1):
+        label = "" if pd.isna(hit.class_name) else f" · {hit.class_name}"
+        items.append((hit.full_path, f"#{rank} {hit.score:.3f}{label}"))
+    return items
+
+
+class Page:
+    """The handlers, sharing one Predictor (requests run one at a time: see `serve`)."""
+
+    def __init__(self, predictor: Predictor, limits: UploadLimits):
+        self.predictor = predictor
+        self.limits = limits
+
+    def search_text(self, text: str, k: float) -> list[tuple[str, str]]:
+        return _gallery_items(self.predictor.search_text(text or "", int(k)))
+
+    def search_image(self, path: Optional[str], k: float) -> list[tuple[str, str]]:
+        if path is None:
+            raise gr.Error("upload an image to search with")
+        return _gallery_items(self.predictor.similar(path, int(k)))
+
+    def classify(self, path: Optional[str], labels: str, k: float) -> dict[str, float]:
+        if path is None:
+            raise gr.Error("upload an image to classify")
+        chosen = [part for part in (labels or "").split(",") if part.strip()] or None  # blank: the dataset's classes
+        predictions = self.predictor.classify(path, chosen, int(k))
+        return dict(zip(predictions["label"], predictions["probability"].astype(float)))
+
+    def verify(self, first: Optional[str], second: Optional[str]) -> str:
+        if first is None or second is None:
+            raise gr.Error("upload two images to compare")
+        verdict = self.predictor.verify(first, second)
+        answer = "**Same class**" if verdict.same else "**Different classes**"
+        return (
+            f"{answer}: distance {verdict.distance:.4f} against the threshold {verdict.threshold:.4f} "
+            f"that evaluate chose (confidence {verdict.confidence:.2f}, a margin score, not a probability)."
+        )
+
+    def add(self, files: Optional[list[str]]) -> str:
+        if not files:
+            raise gr.Error("choose one or more images to add")
+        rejected = []
+        acceptable = []
+        for path in files:
+            try:
+                check_image(path, Path(path).name, self.limits)
+                acceptable.append(path)
+            except gr.Error as err:
+                rejected.append(err.message)
+        report = self.predictor.add(acceptable) if acceptable else None
+        lines = [f"- added `{Path(source).name}` as `{image_id}`" for source, image_id in (report.added if report else [])]
+        lines += [f"- `{Path(source).name}` is already in the gallery as `{image_id}`" for source, image_id in (report.duplicates if report else [])]
+        lines += [f"- rejected: {why}" for why in rejected]
+        total = report.total if report else self.predictor.index.index.ntotal
+        return "\n".join(lines + [f"\nThe gallery now holds {total} images."])
+
+
+def _listen(event: Callable, handler: Callable, inputs: list, output, concurrency_id: str) -> None:
+    event(_friendly(handler), inputs, output, concurrency_id=concurrency_id, concurrency_limit=1)
+
+
+def build(predictor: Predictor, limits: UploadLimits = UploadLimits()) -> gr.Blocks:
+    page = Page(predictor, limits)
+    has_index = predictor.index is not None
+    shared_space = predictor.loaded.image_head is None  # a triplet head embeds images only
+    k_slider = functools.partial(gr.Slider, 1, 50, value=8, step=1, label="results")
+    with gr.Blocks(title="clipline", analytics_enabled=False) as demo:
+        gr.Markdown(
+            f"# clipline\nModel `{predictor.loaded.name}`"
+            + (f" · gallery of {predictor.index.index.ntotal} images ({predictor.index.info.get('factory')})" if has_index else " · no index: run `dvc repro`")
+        )
+        with gr.Tab("Text search", visible=has_index and shared_space):
+            query = gr.Textbox(label="describe the image", placeholder="a small red circle on a white background", elem_id="text-query")
+            k_text = k_slider()
+            text_button = gr.Button("Search", variant="primary", elem_id="text-search")
+            text_hits = gr.Gallery(label="results", columns=4, height="auto", elem_id="text-results")
+        with gr.Tab("Image search", visible=has_index):
+            image_query = image_upload("query image", limits, elem_id="image-query")
+            k_image = k_slider()
+            image_button = gr.Button("Search", variant="primary", elem_id="image-search")
+            image_hits = gr.Gallery(label="results", columns=4, height="auto", elem_id="image-results")
+        with gr.Tab("Classify", visible=shared_space):
+            to_classify = image_upload("image", limits, elem_id="classify-image")
+            labels = gr.Textbox(label="labels, comma-separated (blank: the dataset's classes)", placeholder="cat, dog, car", elem_id="classify-labels")
+            k_classes = gr.Slider(1, 20, value=5, step=1, label="top classes")
+            classify_button = gr.Button("Classify", variant="primary", elem_id="classify")
+            probabilities = gr.Label(label="zero-shot probabilities", elem_id="classify-result")
+        with gr.Tab("Same class?", visible="threshold" in predictor.verification):
+            with gr.Row():
+                first = image_upload("first image", limits)
+                second = image_upload("second image", limits)
+            verify_button = gr.Button("Compare", variant="primary")
+            verdict = gr.Markdown()
+        with gr.Tab("Add images", visible=has_index):
+            new_files = gr.File(label="images to add to the gallery", file_count="multiple", file_types=["image"], type="filepath", elem_id="add-files")
+            add_button = gr.Button("Add", variant="primary", elem_id="add")
+            add_report = gr.Markdown(elem_id="add-report")
+
+        # One model on one device: every request joins one queue and runs in turn, so an add never
+        # races a search for the predictor's index.
+        listen = functools.partial(_listen, concurrency_id="model")
+        listen(text_button.click, page.search_text, [query, k_text], text_hits)
+        listen(query.submit, page.search_text, [query, k_text], text_hits)
+        listen(image_button.click, page.search_image, [image_query, k_image], image_hits)
+        listen(classify_button.click, page.classify, [to_classify, labels, k_classes], probabilities)
+        listen(verify_button.click, page.verify, [first, second], verdict)
+        listen(add_button.click, page.add, [new_files], add_report)
+    return demo
+
+
+def serve(predictor: Predictor, host: str = "127.0.0.1", port: int = 7860, limits: UploadLimits = UploadLimits(), block: bool = True):
+    """Start the page; with block=False returns once it is listening (for tests)."""
+    demo = build(predictor, limits)
+    # Result images live under the dataset root and the gallery store, which may be outside the cwd.
+    allowed = [str(predictor.image_root.resolve())] + ([str(predictor.gallery.folder.resolve())] if predictor.gallery else [])
+    demo.launch(
+        server_name=host,
+        server_port=port,
+        max_file_size=int(limits.max_upload_mb * 1024 * 1024),
+        allowed_paths=allowed,
+        ssr_mode=False,
+        show_error=True,
+        prevent_thread_lock=not block,
+        quiet=not block,
+    )
+    return demo

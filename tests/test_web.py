@@ -1,0 +1,137 @@
+"""The web page: upload checks, the handlers, and the real page driven in headless Chromium."""
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import gradio as gr
+import pytest
+from conftest import where
+from PIL import Image
+
+from pipeline import web
+from pipeline.datasets.synthetic import draw_shape
+from pipeline.predict import Predictor
+
+CHROMIUM = Path(os.environ.get("CLIPLINE_CHROMIUM", "/usr/bin/chromium"))
+# Without the background-networking flags Chromium keeps trying to reach Google's hosts.
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]  # fmt: skip
+LIMITS = web.UploadLimits(max_upload_mb=1, max_pixels=200 * 200)
+
+
+@pytest.fixture
+def predictor(artifacts, tmp_path):
+    return Predictor.from_artifacts(
+        artifacts["model"], artifacts["index"], artifacts["data"], artifacts["reports"] / "metrics.json",
+        embeddings_dir=artifacts["emb"], gallery_dir=tmp_path / "gallery",
+    )  # fmt: skip
+
+
+def test_check_image_names_the_problem(artifacts, tmp_path):
+    web.check_image(artifacts["images"][0], "ok.png", LIMITS)
+    (tmp_path / "text.png").write_text("hello")
+    Image.new("RGB", (300, 300)).save(tmp_path / "big.png")
+    (tmp_path / "cut.png").write_bytes(artifacts["images"][0].read_bytes()[:80])
+    for name, message in [("text.png", "not an image this page can read"), ("big.png", "300x300 pixels; this page accepts at most 40,000"), ("cut.png", "not a readable image")]:
+        with pytest.raises(gr.Error, match=message):
+            web.check_image(tmp_path / name, name, LIMITS)
+
+
+def test_handlers_search_classify_and_add(predictor, artifacts, tmp_path):
+    page = web.Page(predictor, LIMITS)
+    items = page.search_text("a red circle", 3)
+    assert len(items) == 3 and all(Path(path).is_file() for path, _ in items) and items[0][1].startswith("#1 ")
+    probabilities = page.classify(str(artifacts["images"][0]), "", 3)
+    assert list(probabilities) == list(predictor.classify(artifacts["images"][0], k=3)["label"])
+    assert page.classify(str(artifacts["images"][0]), "circle, square", 5).keys() == {"circle", "square"}
+    (tmp_path / "text.png").write_text("hello")
+    new = tmp_path / "new.png"
+    draw_shape("star", (10, 10, 200), (250, 250, 250), 64, 30, 30, 20).save(new)
+    report = page.add([str(new), str(tmp_path / "text.png")])
+    assert "added `new.png`" in report and "rejected: text.png is not an image" in report
+    assert page.search_image(str(new), 1)[0][0].startswith(str(tmp_path / "gallery" / "store"))
+    with pytest.raises(gr.Error, match="at least two different labels"):
+        web._friendly(page.classify)(str(artifacts["images"][0]), "only-one", 3)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def served(artifacts, tmp_path):
+    """`clipline serve` in a subprocess on a free local port; yields its URL."""
+    port = _free_port()
+    artifact_args = [str(a) for a in where(artifacts)]
+    artifact_args[artifact_args.index("--gallery") + 1] = str(tmp_path / "gallery")
+    command = [sys.executable, "-m", "pipeline.cli", *artifact_args, "serve", "--port", str(port), "--max-upload-mb", "1", "--max-pixels", str(LIMITS.max_pixels)]
+    server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(url, timeout=2)
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"clipline serve did not come up:\n{server.stdout.read() if server.poll() is not None else ''}")
+                time.sleep(0.5)
+        yield url
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_the_page_in_a_real_browser(served, artifacts, tmp_path):
+    playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install -e '.[test]')")
+    if not CHROMIUM.is_file():
+        pytest.skip(f"no Chromium at {CHROMIUM} (Debian: apt-get install chromium; .ci/run installs it)")
+    query_image = artifacts["images"][0]
+    (tmp_path / "notes.png").write_text("not an image")
+    new = tmp_path / "fresh.png"
+    draw_shape("circle", (250, 200, 0), (0, 0, 90), 64, 20, 20, 12).save(new)
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1200, "height": 900})
+        page.goto(served)
+
+        page.locator("#text-query textarea").fill("a large red circle")
+        page.locator("#text-search").click()
+        page.locator("#text-results img").first.wait_for(timeout=60_000)
+        assert page.locator("#text-results img").count() == 8
+        page.screenshot(path=str(tmp_path / "text_search.png"))
+
+        page.get_by_role("tab", name="Classify").click()
+        page.locator("#classify-image input[type=file]").set_input_files(str(query_image))
+        page.locator("#classify-image img").first.wait_for(timeout=30_000)
+        page.locator("#classify").click()
+        expected = Predictor.from_artifacts(artifacts["model"], artifacts["index"], artifacts["data"]).classify(query_image, k=1).at[0, "label"]
+        page.locator("#classify-result h2, #classify-result .output-class").filter(has_text=expected).first.wait_for(timeout=60_000)
+
+        page.reload()
+        page.get_by_role("tab", name="Classify").click()
+        page.locator("#classify-image input[type=file]").set_input_files(str(tmp_path / "notes.png"))
+        page.wait_for_timeout(500)
+        page.locator("#classify").click()
+        page.get_by_text("notes.png is not an image this page can read").wait_for(timeout=30_000)
+
+        page.reload()
+        page.get_by_role("tab", name="Add images").click()
+        page.locator("#add-files input[type=file]").set_input_files(str(new))
+        page.locator("#add-files").get_by_text("fresh.png").first.wait_for(timeout=30_000)
+        page.locator("#add").click()
+        page.locator("#add-report").get_by_text("added").first.wait_for(timeout=60_000)
+        assert f"now holds {len(artifacts['images']) + 1} images" in page.locator("#add-report").inner_text()
+        browser.close()
+    assert (tmp_path / "gallery" / "current" / "added.parquet").is_file()
+    if "CLIPLINE_SCREENSHOT" in os.environ:  # keep the page after a text search, to look at
+        shutil.copy(tmp_path / "text_search.png", os.environ["CLIPLINE_SCREENSHOT"])
