@@ -54,7 +54,15 @@ def main(
     probe = io.read_json(probe_dir / "probe.json") if (probe_dir / "probe.json").exists() else {"skipped": f"no {probe_dir}/probe.json; run `dvc repro probe`"}
 
     metrics = {
-        "dataset": {"source": prepared.info["source"], "n_images": prepared.info["n_images"], "n_classes": len(prepared.classes), "split": params.split},
+        "dataset": {
+            "source": prepared.info["source"],
+            "n_images": prepared.info["n_images"],
+            "n_classes": len(prepared.classes),
+            "split": params.split,
+            # Left out by data.on_bad_image / on_bad_annotation: skip (data/prepared/rejected.parquet).
+            "n_rejected_images": prepared.info.get("n_rejected", {}).get("image", 0),
+            "n_rejected_annotations": prepared.info.get("n_rejected", {}).get("annotation", 0),
+        },
         "model": {k: embed_info["model"].get(k) for k in ("name", "pretrained", "method")},
         "zero_shot": zero_shot.metrics,
         "retrieval": retrieval.metrics,

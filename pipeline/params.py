@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 DEFAULT_PARAMS_FILE = Path("params.yaml")
+PIL_MAX_IMAGE_PIXELS = 89_478_485  # PIL.Image.MAX_IMAGE_PIXELS: above it PIL warns, at twice it refuses
 SPLITS = ("train", "val", "test")
 
 
@@ -60,11 +61,16 @@ class DataParams(_Section):
     max_images_per_split: Optional[int] = Field(None, ge=1)
     # Download public datasets (cifar10, flickr8k) when `root` holds none and a network is there.
     download: bool = True
-    # Open every image once while preparing; corrupt files fail (or are rejected, see below).
+    # Decode every image once while preparing; a bad one is handled per on_bad_image.
     check_images: bool = True
-    # false: the first bad file or line is an error. true: it is skipped and recorded in
-    # data/prepared/dataset.json under `rejected`.
-    skip_bad_files: bool = False
+    # A missing, empty, truncated, corrupt or oversized image. fail: stop, naming the file and why.
+    # skip: leave it out and record it in data/prepared/rejected.parquet (counted in the reports).
+    on_bad_image: Literal["fail", "skip"] = "fail"
+    # A malformed annotation line or entry (caption file, split file, ground truth), likewise.
+    on_bad_annotation: Literal["fail", "skip"] = "fail"
+    # Decompression-bomb limit: an image with more pixels (width x height, from its header) is bad.
+    # At most PIL's own limit, which every later stage's image loading keeps.
+    max_image_pixels: int = Field(PIL_MAX_IMAGE_PIXELS, ge=1, le=PIL_MAX_IMAGE_PIXELS)
     synthetic: SyntheticParams = SyntheticParams()
 
     @model_validator(mode="after")

@@ -20,7 +20,7 @@ def main(
     n_captions = 0 if dataset.captions is None else len(dataset.captions)
     typer.echo(
         f"prepared {params.source}: {len(dataset.images)} images {counts}, {n_captions} captions, "
-        f"{len(dataset.classes)} classes, {len(dataset.rejected)} rejected -> {out}"
+        f"{len(dataset.classes)} classes, {sum(r['kind'] != 'note' for r in dataset.rejected)} rejected -> {out}"
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import zipfile
 from pathlib import Path
 from urllib.error import URLError
 
@@ -141,7 +142,7 @@ def test_malformed_token_line_names_file_and_line(tmp_path, bad_line, problem):
     with pytest.raises(DatasetError, match=rf"Flickr8k\.token\.txt:3: .*{problem}"):
         flickr8k.prepare(params(root), tmp_path / "out")
 
-    ds = flickr8k.prepare(params(root, skip_bad_files=True), tmp_path / "out")
+    ds = flickr8k.prepare(params(root, on_bad_image="skip", on_bad_annotation="skip"), tmp_path / "out")
     assert len(ds.captions) == 8
     assert [r["path"].endswith("Flickr8k.token.txt:3") for r in ds.rejected].count(True) == 1
 
@@ -152,7 +153,7 @@ def test_image_of_a_split_missing_on_disk(tmp_path):
     (root / "Flicker8k_Dataset" / TEST[0]).unlink()
     with pytest.raises(DatasetError, match=rf"{TEST[0]}: image of the test split not found"):
         flickr8k.prepare(params(root), tmp_path / "out")
-    ds = flickr8k.prepare(params(root, skip_bad_files=True), tmp_path / "out")
+    ds = flickr8k.prepare(params(root, on_bad_image="skip", on_bad_annotation="skip"), tmp_path / "out")
     assert "test" not in set(ds.images["split"])
 
 
@@ -162,7 +163,7 @@ def test_corrupt_image_is_dropped_with_its_captions_when_skipping(tmp_path):
     (root / "Flicker8k_Dataset" / DEV[0]).write_bytes(b"\x00garbage")
     with pytest.raises(DatasetError, match=rf"{DEV[0]}: not a readable image"):
         flickr8k.prepare(params(root), tmp_path / "out")
-    ds = flickr8k.prepare(params(root, skip_bad_files=True), tmp_path / "out")
+    ds = flickr8k.prepare(params(root, on_bad_image="skip", on_bad_annotation="skip"), tmp_path / "out")
     assert DEV[0] not in set(ds.images["path"])
     assert "1002674143_1b742ab4b8" not in set(ds.captions["image_id"])
 
@@ -181,11 +182,11 @@ def test_download_uses_pinned_checksums_and_reports_failure(tmp_path, monkeypatc
 
     calls = []
 
-    def offline(url, download_root, filename=None, md5=None, **kwargs):
+    def offline(url, root, filename=None, md5=None, **kwargs):
         calls.append((url, md5))
         raise URLError("network is unreachable")
 
-    monkeypatch.setattr(tv_utils, "download_and_extract_archive", offline)
+    monkeypatch.setattr(tv_utils, "download_url", offline)
     root = tmp_path / "flickr8k"
     with pytest.raises(DatasetError, match="downloading Flickr8k_text.zip failed: URLError") as err:
         flickr8k.prepare(params(root, download=True), tmp_path / "out")
@@ -194,14 +195,18 @@ def test_download_uses_pinned_checksums_and_reports_failure(tmp_path, monkeypatc
         ("https://github.com/jbrownlee/Datasets/releases/download/Flickr8k/Flickr8k_text.zip", flickr8k.TEXT_ARCHIVE[1])
     ]
 
-    # A "download" that unpacks like the real zips lets prepare go on.
-    def fake_download(url, download_root, filename=None, md5=None, **kwargs):
-        if filename == "Flickr8k_text.zip":
-            make_official(Path(download_root), text_dir=".", image_dir="unused")
-        else:
-            (Path(download_root) / "unused").rename(Path(download_root) / "Flicker8k_Dataset")
+    # "Downloads" laid out like the real zips (text files at the top, images in a folder) let prepare go on.
+    staging = tmp_path / "staging"
+    make_official(staging, text_dir=".", image_dir="Flicker8k_Dataset")
 
-    monkeypatch.setattr(tv_utils, "download_and_extract_archive", fake_download)
+    def fake_download(url, root, filename=None, md5=None, **kwargs):
+        with zipfile.ZipFile(Path(root) / filename, "w") as archive:
+            for file in sorted(staging.rglob("*")):
+                in_images = file.parent.name == "Flicker8k_Dataset"
+                if file.is_file() and in_images == (filename == "Flickr8k_Dataset.zip"):
+                    archive.write(file, file.relative_to(staging).as_posix())
+
+    monkeypatch.setattr(tv_utils, "download_url", fake_download)
     ds = flickr8k.prepare(params(root, download=True), tmp_path / "out")
     assert len(ds.images) == 4
 
@@ -216,7 +221,7 @@ def test_prepare_writes_tables_that_load_back(tmp_path):
     assert prepared.info["source"] == "flickr8k"
     assert prepared.info["n_images_per_split"] == {"train": 2, "val": 1, "test": 1}
     assert prepared.info["n_captions"] == 8
-    assert len(prepared.info["rejected"]) == 1
+    assert prepared.info["n_rejected"] == {"image": 0, "annotation": 0, "note": 1}
     assert prepared.image_root == root / "Flicker8k_Dataset"
     assert all(p.is_file() for p in prepared.image_paths())
     assert prepared.classes == []

@@ -81,7 +81,7 @@ def test_corrupt_image_is_an_error_or_a_rejection(tmp_path):
     with pytest.raises(DatasetError, match=r"zebra/broken\.jpg: not a readable image"):
         folder.prepare(params(root), tmp_path / "out")
 
-    ds = folder.prepare(params(root, skip_bad_files=True), tmp_path / "out")
+    ds = folder.prepare(params(root, on_bad_image="skip", on_bad_annotation="skip"), tmp_path / "out")
     assert len(ds.images) == 12
     assert "zebra/broken" not in set(ds.images["image_id"])
     assert len(ds.rejected) == 1 and ds.rejected[0]["path"] == str(bad)

@@ -143,7 +143,7 @@ def test_malformed_ground_truth_line_names_file_and_line(tmp_path, bad):
     with pytest.raises(DatasetError, match=r"ILSVRC2012_validation_ground_truth\.txt:3: "):
         imagenet.prepare(params(root), tmp_path / "out")
 
-    ds = imagenet.prepare(params(root, skip_bad_files=True), tmp_path / "out")
+    ds = imagenet.prepare(params(root, on_bad_image="skip", on_bad_annotation="skip"), tmp_path / "out")
     assert len(ds.images) == 11
     assert "ILSVRC2012_val_00000003" not in set(ds.images["image_id"])
     assert len(ds.rejected) == 1 and ds.rejected[0]["path"].endswith(":3")
@@ -155,7 +155,7 @@ def test_missing_image_is_an_error_or_a_rejection(tmp_path):
     (root / "val" / "ILSVRC2012_val_00000005.JPEG").unlink()
     with pytest.raises(DatasetError, match=r"ILSVRC2012_val_00000005\.JPEG: image for line 5"):
         imagenet.prepare(params(root), tmp_path / "out")
-    ds = imagenet.prepare(params(root, skip_bad_files=True), tmp_path / "out")
+    ds = imagenet.prepare(params(root, on_bad_image="skip", on_bad_annotation="skip"), tmp_path / "out")
     assert len(ds.images) == 11
     assert ds.rejected[0]["path"].endswith("ILSVRC2012_val_00000005.JPEG")
 

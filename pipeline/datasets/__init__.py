@@ -5,7 +5,8 @@
     out_dir/images.parquet     one row per image (see base.IMAGE_COLUMNS)
     out_dir/captions.parquet   one row per caption, when the source has captions
     out_dir/classes.json       ordered classes + prompt templates
-    out_dir/dataset.json       source, where the image files are, counts, rejected files
+    out_dir/rejected.parquet   path, kind (image | annotation | note), reason: what was left out
+    out_dir/dataset.json       source, where the image files are, counts (rejected ones included)
     out_dir/images/...         pixels, for sources that generate or unpack them
 """
 
@@ -21,6 +22,9 @@ import pandas as pd
 
 from pipeline import io
 from pipeline.datasets.base import DatasetError, PreparedDataset, cap_per_split
+
+REJECTED_COLUMNS = ["path", "kind", "reason"]
+REJECTED_KINDS = ("image", "annotation", "note")
 from pipeline.params import DataParams
 
 SOURCES = {
@@ -54,6 +58,8 @@ def _write(dataset: PreparedDataset, out_dir: Path, params: DataParams, elapsed_
     if dataset.captions is not None:
         io.write_parquet(out_dir / "captions.parquet", dataset.captions.reset_index(drop=True))
     io.write_json(out_dir / "classes.json", {"classes": dataset.classes, "templates": dataset.templates})
+    rejected = pd.DataFrame(dataset.rejected, columns=REJECTED_COLUMNS).astype(str)
+    io.write_parquet(out_dir / "rejected.parquet", rejected)
     in_prepared = dataset.image_root.resolve() == out_dir.resolve()
     counts = dataset.images["split"].value_counts().reindex(["train", "val", "test"], fill_value=0)
     io.write_json(
@@ -68,7 +74,8 @@ def _write(dataset: PreparedDataset, out_dir: Path, params: DataParams, elapsed_
             "n_classes": len(dataset.classes),
             "prepare_s": round(elapsed_s, 3),
             "notes": dataset.notes,
-            "rejected": dataset.rejected,
+            # Details in rejected.parquet; notes are dataset quirks, not losses.
+            "n_rejected": {kind: int((rejected["kind"] == kind).sum()) for kind in REJECTED_KINDS},
         },
     )
 

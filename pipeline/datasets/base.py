@@ -43,16 +43,33 @@ class DatasetError(ValueError):
 
 @dataclass
 class Rejections:
-    """Per-file (or per-line) problems that were skipped at the user's request, or are benign."""
+    """Bad images and annotation lines: an error, or a recorded rejection when the params say skip.
 
-    skip_bad_files: bool
+    Each record is {path, kind (image | annotation | note), reason}; `path` is the file, or
+    `file:line` for a line. Notes are benign quirks of a dataset, recorded but never fatal.
+    """
+
+    on_bad_image: str = "fail"
+    on_bad_annotation: str = "fail"
     records: list[dict] = field(default_factory=list)
 
-    def reject(self, path: str | Path, reason: str, *, fatal_unless_skipping: bool = True) -> None:
-        """Record a problem; raise instead when the user did not ask to skip bad input."""
-        if fatal_unless_skipping and not self.skip_bad_files:
-            raise DatasetError(f"{path}: {reason} (set data.skip_bad_files: true to skip and record such files)")
-        self.records.append({"path": str(path), "reason": reason})
+    @classmethod
+    def from_params(cls, params: DataParams) -> "Rejections":
+        return cls(params.on_bad_image, params.on_bad_annotation)
+
+    def bad_image(self, path: str | Path, reason: str) -> None:
+        self._reject(path, reason, "image", self.on_bad_image)
+
+    def bad_annotation(self, where: str | Path, reason: str) -> None:
+        self._reject(where, reason, "annotation", self.on_bad_annotation)
+
+    def note(self, where: str | Path, reason: str) -> None:
+        self.records.append({"path": str(where), "kind": "note", "reason": reason})
+
+    def _reject(self, path: str | Path, reason: str, kind: str, policy: str) -> None:
+        if policy != "skip":
+            raise DatasetError(f"{path}: {reason} (set data.on_bad_{kind}: skip to leave such {kind}s out and record them)")
+        self.records.append({"path": str(path), "kind": kind, "reason": reason})
 
 
 @dataclass
@@ -161,27 +178,46 @@ def cap_per_split(images: pd.DataFrame, max_per_split: Optional[int], seed: int)
     return pd.concat(kept).sort_index()
 
 
-def check_image(path: Path) -> Optional[str]:
-    """Return why the file is not a readable image, or None when it is."""
+def check_image(path: Path, max_pixels: Optional[int] = None) -> Optional[str]:
+    """Return why the file is not a usable image, or None when it decodes completely.
+
+    The size limit is checked from the header, before any pixel is decoded, so a
+    decompression bomb costs nothing.
+    """
     try:
+        if path.stat().st_size == 0:
+            return "empty file (0 bytes)"
         with Image.open(path) as img:
-            img.verify()
+            width, height = img.size
+            if max_pixels is not None and width * height > max_pixels:
+                return f"{width}x{height} = {width * height:,} pixels, over data.max_image_pixels ({max_pixels:,})"
+            img.load()  # decodes everything: a truncated file fails here, verify() would not notice
         return None
     except FileNotFoundError:
         return "file not found"
+    except Image.DecompressionBombError as err:
+        return f"over PIL's decompression-bomb limit ({err})"
     except Exception as err:  # PIL raises many types for corrupt data
         return f"not a readable image ({type(err).__name__}: {err})"
 
 
-def drop_unreadable(images: pd.DataFrame, image_root: Path, rejections: Rejections) -> pd.DataFrame:
-    """Open every image once; an unreadable one is an error or a recorded rejection."""
+def drop_unreadable(images: pd.DataFrame, image_root: Path, rejections: Rejections, max_pixels: Optional[int] = None) -> pd.DataFrame:
+    """Decode every image once; an unreadable one is an error or a recorded rejection."""
     keep = []
     for path in images["path"]:
-        problem = check_image(image_root / path)
+        problem = check_image(image_root / path, max_pixels)
         if problem is not None:
-            rejections.reject(image_root / path, problem)
+            rejections.bad_image(image_root / path, problem)
         keep.append(problem is None)
     return images[np.array(keep, dtype=bool)]
+
+
+def safe_member(root: Path, name: str, where: str) -> str:
+    """`name` from an annotation file, as a path under `root`; refused if it is absolute or climbs out."""
+    candidate = Path(name)
+    if candidate.is_absolute() or ".." in candidate.parts or not name.strip():
+        raise DatasetError(f"{where}: image path {name!r} is not a plain relative path inside {root}")
+    return name
 
 
 def resolve_root(params: DataParams) -> Path:
@@ -192,11 +228,20 @@ def class_entry(index: int, name: str, aliases: Optional[list[str]] = None, **so
     return {"index": index, "name": name, "aliases": aliases or [name], **source_ids}
 
 
+def to_rgb(img: Image.Image) -> Image.Image:
+    """RGB for the model: grayscale, CMYK and palette converted; transparency composited onto white."""
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
 def load_rgb(path: str | Path) -> Image.Image:
     """Open an image as RGB, with an error that names the file when it cannot be read."""
     try:
         with Image.open(path) as img:
-            return img.convert("RGB")
+            return to_rgb(img)
     except FileNotFoundError:
         raise DatasetError(f"{path}: image file not found") from None
     except Exception as err:  # PIL raises many types for corrupt data

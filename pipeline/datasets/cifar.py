@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from pipeline.datasets.archives import download_and_extract
 from pipeline.datasets.base import (
     DEFAULT_TEMPLATES,
     DatasetError,
@@ -157,12 +158,11 @@ def _missing_message(root: Path, why: str) -> str:
 
 def _download(root: Path) -> None:
     from torchvision.datasets import CIFAR10
-    from torchvision.datasets.utils import download_and_extract_archive
 
     try:
-        download_and_extract_archive(
-            CIFAR10.url, download_root=str(root), filename=CIFAR10.filename, md5=CIFAR10.tgz_md5, remove_finished=True
-        )
+        download_and_extract(CIFAR10.url, root, CIFAR10.filename, CIFAR10.tgz_md5, remove_archive=True)
+    except DatasetError:
+        raise  # an archive member that would escape root: say so, not "download failed"
     except Exception as err:  # no network, HTTP errors, checksum mismatch (RuntimeError)
         raise DatasetError(_missing_message(root, f"downloading failed: {type(err).__name__}: {err}")) from None
 
@@ -230,8 +230,12 @@ def _read_py_meta(path: Path) -> list[str]:
 def _read_bin_meta(path: Path) -> list[str]:
     if not path.is_file():
         raise DatasetError(f"{path}: class names file not found (is the CIFAR-10 folder complete?)")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise DatasetError(f"{path}: not a text file of class names ({err})") from None
     # The official file ends with blank lines.
-    return _check_names(path, [line.strip() for line in path.read_text().splitlines() if line.strip()])
+    return _check_names(path, [line.strip() for line in text.splitlines() if line.strip()])
 
 
 def _check_names(path: Path, names: list[str]) -> list[str]:

@@ -26,6 +26,7 @@ from typing import Optional
 
 import pandas as pd
 
+from pipeline.datasets.archives import download_and_extract
 from pipeline.datasets.base import (
     DEFAULT_TEMPLATES,
     DatasetError,
@@ -33,6 +34,7 @@ from pipeline.datasets.base import (
     Rejections,
     drop_unreadable,
     resolve_root,
+    safe_member,
 )
 from pipeline.params import DataParams
 
@@ -71,7 +73,7 @@ def prepare(params: DataParams, out_dir: Path) -> PreparedDataset:
         if (token_path is None and karpathy_path is None) or image_dir is None:
             raise DatasetError(_missing_message(root, missing, "the downloaded archives did not unpack as expected"))
 
-    rejections = Rejections(params.skip_bad_files)
+    rejections = Rejections.from_params(params)
     notes: list[str] = []
     on_disk = {p.name for p in image_dir.iterdir() if p.is_file()}
     if token_path is not None:
@@ -86,10 +88,9 @@ def prepare(params: DataParams, out_dir: Path) -> PreparedDataset:
     # Captions of images that are not on disk (the token file's `.jpg.1` entries): reported only.
     absent = captions[~captions["file"].isin(on_disk)]
     for file, group in absent.groupby("file", sort=True):
-        rejections.reject(
+        rejections.note(
             group["source"].iloc[0],
             f"{len(group)} caption(s) name image {file}, which is not in {image_dir}",
-            fatal_unless_skipping=False,
         )
     captions = captions[captions["file"].isin(on_disk)]
 
@@ -103,7 +104,7 @@ def prepare(params: DataParams, out_dir: Path) -> PreparedDataset:
     uncaptioned = 0
     for file, split in splits.items():
         if file not in on_disk:
-            rejections.reject(image_dir / file, f"image of the {split} split not found")
+            rejections.bad_image(image_dir / file, f"image of the {split} split not found")
             continue
         if file not in captioned:
             uncaptioned += 1
@@ -116,7 +117,7 @@ def prepare(params: DataParams, out_dir: Path) -> PreparedDataset:
 
     images = pd.DataFrame(rows)
     if params.check_images:
-        images = drop_unreadable(images, image_dir, rejections)
+        images = drop_unreadable(images, image_dir, rejections, params.max_image_pixels)
     captions = captions[captions["file"].isin(set(images["path"]))].copy()
     captions["image_id"] = captions["file"].map(lambda f: Path(f).stem)
     captions["caption_id"] = captions["image_id"] + "#" + captions["n"].astype(str)
@@ -152,11 +153,11 @@ def _missing_message(root: Path, missing: list[tuple[str, str]], why: str) -> st
 
 
 def _download(root: Path, archives: list[tuple[str, str]]) -> None:
-    from torchvision.datasets.utils import download_and_extract_archive
-
     for name, md5 in archives:
         try:
-            download_and_extract_archive(f"{MIRROR}/{name}", download_root=str(root), filename=name, md5=md5)
+            download_and_extract(f"{MIRROR}/{name}", root, name, md5)
+        except DatasetError:
+            raise  # an archive member that would escape root: say so, not "download failed"
         except Exception as err:  # no network, HTTP errors, checksum mismatch (RuntimeError)
             raise DatasetError(
                 _missing_message(root, archives, f"downloading {name} failed: {type(err).__name__}: {err}")
@@ -185,6 +186,7 @@ def _read_split_files(folder: Path, root: Path) -> dict[str, str]:
             file = line.strip()
             if not file:
                 continue
+            safe_member(root, file, f"{path}:{line_no}")
             if file in splits and splits[file] != split:
                 raise DatasetError(f"{path}:{line_no}: {file} is already listed in {origin[file]}")
             splits[file] = split
@@ -203,14 +205,15 @@ def _read_token_file(path: Path, rejections: Rejections) -> pd.DataFrame:
         key, tab, caption = line.partition("\t")
         file, hash_sign, number = key.strip().rpartition("#")
         if not tab:
-            rejections.reject(where, "expected '<image>.jpg#<n><TAB><caption>', found no tab")
+            rejections.bad_annotation(where, "expected '<image>.jpg#<n><TAB><caption>', found no tab")
             continue
         if not hash_sign or not file or not number.isdigit():
-            rejections.reject(where, f"expected '<image>.jpg#<n>' before the tab, got {key!r}")
+            rejections.bad_annotation(where, f"expected '<image>.jpg#<n>' before the tab, got {key!r}")
             continue
         if (file, int(number)) in seen:
-            rejections.reject(where, f"caption {file}#{number} appears twice")
+            rejections.bad_annotation(where, f"caption {file}#{number} appears twice")
             continue
+        safe_member(path.parent, file, where)
         seen.add((file, int(number)))
         rows.append({"file": file, "n": int(number), "caption": caption.strip(), "source": where})
     if not rows:
@@ -227,6 +230,8 @@ def _read_karpathy(path: Path) -> tuple[dict[str, str], pd.DataFrame]:
         raise DatasetError(f"{path}: not valid JSON ({err})") from None
     except (KeyError, TypeError):
         raise DatasetError(f"{path}: expected an object with an 'images' list") from None
+    if not isinstance(entries, list):
+        raise DatasetError(f"{path}: expected an object with an 'images' list, got {type(entries).__name__}")
     splits: dict[str, str] = {}
     rows = []
     for position, entry in enumerate(entries):
@@ -237,7 +242,10 @@ def _read_karpathy(path: Path) -> tuple[dict[str, str], pd.DataFrame]:
             sentences = entry["sentences"]
         except (KeyError, TypeError):
             raise DatasetError(f"{where}: needs 'filename', 'split' and 'sentences'") from None
-        if split not in KARPATHY_SPLITS:
+        if not isinstance(file, str) or not isinstance(sentences, list):
+            raise DatasetError(f"{where}: 'filename' must be a string and 'sentences' a list")
+        safe_member(path.parent, file, where)
+        if not isinstance(split, str) or split not in KARPATHY_SPLITS:
             raise DatasetError(f"{where}: unknown split {split!r} (expected one of {sorted(KARPATHY_SPLITS)})")
         if file in splits:
             raise DatasetError(f"{where}: {file} appears twice")

@@ -59,9 +59,9 @@ def prepare(params: DataParams, out_dir: Path) -> PreparedDataset:
     images = pd.DataFrame(rows)
     images["image_id"] = _image_ids(images["path"])
     images["split"] = split_images(images["label"], params)
-    rejections = Rejections(params.skip_bad_files)
+    rejections = Rejections.from_params(params)
     if params.check_images:
-        images = drop_unreadable(images, root, rejections)
+        images = drop_unreadable(images, root, rejections, params.max_image_pixels)
     return PreparedDataset(
         source="folder",
         images=images,

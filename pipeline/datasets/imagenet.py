@@ -61,7 +61,7 @@ def prepare(params: DataParams, out_dir: Path) -> PreparedDataset:
     root = resolve_root(params)
     if not root.is_dir():
         raise DatasetError(f"{root}: ImageNet root folder not found. {DOWNLOAD_HINT.format(root=root)}")
-    rejections = Rejections(params.skip_bad_files)
+    rejections = Rejections.from_params(params)
     notes: list[str] = []
 
     meta_path = _find_devkit_file(root, META_FILE)
@@ -97,15 +97,15 @@ def prepare(params: DataParams, out_dir: Path) -> PreparedDataset:
         try:
             ilsvrc2012_id = int(text)
         except ValueError:
-            rejections.reject(where, f"expected an ILSVRC2012_ID (an integer), got {text!r}")
+            rejections.bad_annotation(where, f"expected an ILSVRC2012_ID (an integer), got {text!r}")
             continue
         if ilsvrc2012_id not in index_of_id:
-            rejections.reject(where, f"ILSVRC2012_ID {ilsvrc2012_id} is not a leaf class in {meta_path}")
+            rejections.bad_annotation(where, f"ILSVRC2012_ID {ilsvrc2012_id} is not a leaf class in {meta_path}")
             continue
         # Line i of the ground truth labels ILSVRC2012_val_{i:08d}.JPEG.
         number = f"{line_no:08d}"
         if number not in files:
-            rejections.reject(
+            rejections.bad_image(
                 image_dir / f"ILSVRC2012_val_{number}.JPEG", f"image for line {line_no} of {gt_path} not found"
             )
             continue
@@ -127,7 +127,7 @@ def prepare(params: DataParams, out_dir: Path) -> PreparedDataset:
     images = pd.DataFrame(rows)
     images["split"] = stratified_splits(images["label"], params.splits, params.seed)
     if params.check_images:
-        images = drop_unreadable(images, image_dir, rejections)
+        images = drop_unreadable(images, image_dir, rejections, params.max_image_pixels)
     return PreparedDataset(
         source="imagenet",
         images=images,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import pickle
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -138,6 +139,8 @@ def create_model(name: str, pretrained: str = "none", device: str | torch.device
     device = resolve_device(device) if isinstance(device, str) else device
     try:
         model, preprocess_train, preprocess = open_clip.create_model_and_transforms(name, pretrained=weights, device=device)
+    except pickle.UnpicklingError as err:  # open_clip loads with weights_only=True
+        raise ModelError(f"model.pretrained: {pretrained} holds more than weights; refusing to unpickle it ({_first_line(err)})") from None
     except RuntimeError as err:  # a local checkpoint that does not fit the architecture
         raise ModelError(f"model.pretrained: cannot load {pretrained!r} into {name}: {err}") from None
     return LoadedModel(
@@ -158,6 +161,19 @@ def save_trained(model_dir: Path, loaded: LoadedModel, info: dict[str, Any], che
         with io.atomic_path(model_dir / filename) as tmp:
             torch.save(state, tmp)
     io.write_json(model_dir / MODEL_JSON, {"name": loaded.name, "pretrained": loaded.pretrained, **info})
+
+
+def _first_line(err: Exception) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+
+
+def load_weights(path: Path, device: torch.device | str = "cpu") -> dict:
+    """A checkpoint of tensors and plain containers. weights_only=True: a pickle that would build
+    other objects (and could run code while doing so) is refused, never executed."""
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise ModelError(f"{path}: holds more than weights; refusing to unpickle it ({_first_line(err)})") from None
 
 
 class _DropRandomInitWarning(logging.Filter):
@@ -186,7 +202,7 @@ def load_trained(model_dir: str | Path = "artifacts/model", device: str = "auto"
         loaded = create_model(info["name"], "none" if checkpoint else info["pretrained"], device)
     loaded.pretrained = info["pretrained"]
     if checkpoint:
-        state = torch.load(model_dir / checkpoint, map_location=loaded.device, weights_only=True)
+        state = load_weights(model_dir / checkpoint, loaded.device)
         loaded.model.load_state_dict(state["model"])
         if "head" in state:
             from pipeline.models.heads import ProjectionHead
