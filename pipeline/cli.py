@@ -216,7 +216,7 @@ def main(
     data: Path = typer.Option(Path("data/prepared"), help="prepared dataset folder (gallery image paths)"),
     metrics: Path = typer.Option(Path("reports/metrics.json"), help="metrics holding the verification threshold"),
     embeddings: Path = typer.Option(Path("artifacts/embeddings"), help="embeddings folder (the dataset's class prompts)"),
-    gallery: Optional[Path] = typer.Option(None, help="gallery folder: the index plus images added with `add` [default: gallery/ beside the index folder]"),
+    gallery: Optional[Path] = typer.Option(None, help="gallery folder: the index plus images added with `add` (default: gallery/ beside the index folder)"),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
 ) -> None:
     """clipline: a reproducible DVC pipeline for CLIP-style models. Run from the project folder."""

@@ -115,7 +115,7 @@ class TripletParams(_Section):
 
 class TrainParams(_Section):
     method: Literal["none", "clip", "siamese", "triplet"] = "clip"
-    epochs: int = Field(30, ge=1)
+    epochs: int = Field(60, ge=1)
     batch_size: int = Field(64, ge=2)
     optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
     lr: float = Field(1e-3, gt=0)

@@ -152,7 +152,8 @@ def build(predictor: Predictor, limits: UploadLimits = UploadLimits()) -> gr.Blo
     has_index = predictor.index is not None
     shared_space = predictor.loaded.image_head is None  # a triplet head embeds images only
     k_slider = functools.partial(gr.Slider, 1, 50, value=8, step=1, label="results")
-    with gr.Blocks(title="clipline", analytics_enabled=False) as demo:
+    # Uploads are copied into Gradio's cache; drop them after an hour so a long-running page does not fill the disk.
+    with gr.Blocks(title="clipline", analytics_enabled=False, delete_cache=(3600, 3600)) as demo:
         gr.Markdown(
             f"# clipline\nModel `{predictor.loaded.name}`"
             + (f" · gallery of {predictor.index.index.ntotal} images ({predictor.index.info.get('factory')})" if has_index else " · no index: run `dvc repro`")
