@@ -13,13 +13,12 @@ from typing import Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from pipeline.errors import ParamsError  # noqa: F401 (callers import it from here too)
+
 DEFAULT_PARAMS_FILE = Path("params.yaml")
 PIL_MAX_IMAGE_PIXELS = 89_478_485  # PIL.Image.MAX_IMAGE_PIXELS: above it PIL warns, at twice it refuses
 SPLITS = ("train", "val", "test")
 
-
-class ParamsError(ValueError):
-    """A params file or value that cannot be used; the message names the key."""
 
 
 class _Section(BaseModel):

@@ -23,6 +23,7 @@ import pandas as pd
 
 from pipeline import io
 from pipeline.datasets.base import DEFAULT_TEMPLATES, DatasetError
+from pipeline.errors import PredictError  # noqa: F401 (callers import it from here too)
 from pipeline.metrics.classification import zero_shot_scores
 from pipeline.metrics.verification import pair_distances
 from pipeline.models import LoadedModel, load_trained
@@ -32,9 +33,6 @@ from pipeline.retrieval.gallery import AddReport, Artifacts, Gallery
 
 MAX_LOGIT_SCALE = 100.0  # CLIP clamps its learned temperature here
 
-
-class PredictError(ValueError):
-    """A user request that cannot be answered; the message says why and what to do."""
 
 
 @dataclass

@@ -9,15 +9,11 @@ from typing import Callable
 
 import typer
 
-from pipeline.datasets.base import DatasetError
-from pipeline.models import ModelError
-from pipeline.params import DEFAULT_PARAMS_FILE, ParamsError
-from pipeline.predict import PredictError
-from pipeline.retrieval.faiss_index import IndexBuildError
-from pipeline.retrieval.gallery import GalleryError
+from pipeline.errors import UserError
+from pipeline.params import DEFAULT_PARAMS_FILE
 
 # Mistakes in params, data or paths: the message says what is wrong, a traceback would only hide it.
-USER_ERRORS = (ParamsError, DatasetError, ModelError, IndexBuildError, GalleryError, PredictError, FileNotFoundError)
+USER_ERRORS = (UserError, FileNotFoundError)
 
 
 def user_errors_exit_cleanly(func: Callable) -> Callable:

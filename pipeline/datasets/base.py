@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from pipeline.errors import DatasetError  # noqa: F401 (callers import it from here too)
 from pipeline.params import SPLITS, DataParams, SplitRatios
 
 IMAGE_COLUMNS = ["image_id", "path", "split", "label", "class_name"]
@@ -36,9 +37,6 @@ DEFAULT_TEMPLATES = [
     "a good photo of a {}.",
 ]
 
-
-class DatasetError(ValueError):
-    """Raw data that cannot be read as the source's format; the message names the file."""
 
 
 @dataclass

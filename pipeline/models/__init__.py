@@ -20,6 +20,7 @@ import open_clip
 import torch
 
 from pipeline import io
+from pipeline.errors import ModelError  # noqa: F401 (callers import it from here too)
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 TINY_MODEL = "clipline-tiny"
@@ -27,9 +28,6 @@ MODEL_JSON = "model.json"
 
 _registered = False
 
-
-class ModelError(ValueError):
-    """A model name, weight tag or checkpoint that cannot be used; the message says what to do."""
 
 
 def register_configs() -> None:

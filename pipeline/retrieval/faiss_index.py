@@ -18,13 +18,11 @@ import numpy as np
 import pandas as pd
 
 from pipeline import io
+from pipeline.errors import IndexBuildError  # noqa: F401 (callers import it from here too)
 
 METRICS = {"ip": faiss.METRIC_INNER_PRODUCT, "l2": faiss.METRIC_L2}
 MAX_TRAIN_POINTS = 200_000  # IVF/PQ quantisers train on a sample; more adds time, not quality
 
-
-class IndexBuildError(ValueError):
-    """A factory string or search setting that cannot work; the message names the param."""
 
 
 def _check_factory(factory: str, n: int) -> None:

@@ -34,15 +34,13 @@ import pandas as pd
 
 from pipeline import io
 from pipeline.datasets.base import IMAGE_EXTENSIONS, DatasetError, load_rgb
+from pipeline.errors import GalleryError  # noqa: F401 (callers import it from here too)
 from pipeline.retrieval import faiss_index
 
 ADDED_SPLIT = "added"
 log = logging.getLogger(__name__)
 Embed = Callable[[Sequence[Path]], np.ndarray]
 
-
-class GalleryError(ValueError):
-    """The gallery cannot be used as it is; the message says what to do."""
 
 
 @dataclass
