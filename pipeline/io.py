@@ -7,6 +7,7 @@ interrupted stage never leaves a half-written file that DVC or the next stage wo
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import shutil
@@ -20,12 +21,39 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 
+def _temp_prefix(target: Path) -> str:
+    # The writer's pid is in the name, so a later writer can tell a dead writer's leftovers.
+    return f".{target.name}.{os.getpid()}."
+
+
+def _remove_dead_writers_leftovers(target: Path) -> None:
+    """Delete temporaries of `target` left by writers that were killed (their pid is gone)."""
+    for leftover in target.parent.glob(f".{glob.escape(target.name)}.*.tmp"):
+        pid = leftover.name[len(target.name) + 2 :].split(".", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            if leftover.is_dir():
+                shutil.rmtree(leftover, ignore_errors=True)
+            else:
+                leftover.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary file path; on success rename it onto `target`, on failure delete it."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    _remove_dead_writers_leftovers(target)
+    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(target), suffix=".tmp", dir=target.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -40,12 +68,16 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
     """Yield a fresh temporary directory; on success it replaces `target` as a whole."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    old = target.with_name(f".{target.name}.old")
+    if old.exists() and not target.exists():
+        os.replace(old, target)  # a writer died between the two renames below: put the old one back
+    _remove_dead_writers_leftovers(target)
+    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(target), suffix=".tmp", dir=target.parent))
     try:
         yield tmp
         if target.exists():
-            # Move the old one aside first so the swap leaves no moment without a complete dir.
-            old = target.with_name(f".{target.name}.old")
+            # Renaming a folder over a non-empty one is not possible, so the old one moves aside
+            # first; a writer killed between the two renames is repaired by the next atomic_dir.
             shutil.rmtree(old, ignore_errors=True)
             os.replace(target, old)
             os.replace(tmp, target)
