@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from pathlib import Path
 
@@ -10,12 +12,29 @@ import typer
 
 from pipeline import io, models, params as params_lib
 from pipeline.datasets import load_prepared
+from pipeline.training.checkpoints import Resume
 from pipeline.training.clip import train_clip, validation_recall
 from pipeline.training.metric import train_siamese, train_triplet
 from pipeline.training.optim import seed_everything
 from pipeline.stage import DATA_OPTION, PARAMS_OPTION, stage_app
 
 TRAINERS = {"clip": train_clip, "siamese": train_siamese, "triplet": train_triplet}
+
+
+def resume_path(out: Path) -> Path:
+    """Beside the model folder, not in it: DVC replaces the folder, the resume state must outlive a kill."""
+    return out.with_name(f"{out.name}.resume.pt")
+
+
+def run_fingerprint(params: params_lib.Params, data: Path) -> str:
+    """What a saved run state must have been made with to be resumed: model and train params, and the data."""
+    digest = hashlib.sha256()
+    settings = {"model": params.model.model_dump(), "train": params.train.model_dump(exclude={"resume"})}
+    digest.update(json.dumps(settings, sort_keys=True).encode())
+    for table in ("images.parquet", "captions.parquet"):
+        if (data / table).exists():
+            digest.update((data / table).read_bytes())
+    return digest.hexdigest()
 
 
 def main(
@@ -39,7 +58,8 @@ def main(
         loss_rows = []
         val_rows = [] if val is None else [{"epoch": 0, **val}]
     else:
-        result = TRAINERS[params.train.method](loaded, prepared, params.train)
+        resume = Resume(resume_path(out), run_fingerprint(params, data), params.train.resume)
+        result = TRAINERS[params.train.method](loaded, prepared, params.train, resume)
         checkpoints = {"best.pt": result.best, "last.pt": result.last, **result.periodic}
         info.update(
             checkpoint="best.pt",
@@ -58,6 +78,7 @@ def main(
 
     with io.atomic_dir(out) as tmp:
         models.save_trained(tmp, loaded, info, checkpoints)
+    Resume(resume_path(out)).clear()  # the run is complete: nothing to resume
     with io.atomic_dir(reports) as tmp:
         if loss_rows:
             pd.DataFrame(loss_rows).to_csv(tmp / "loss.csv", index=False)

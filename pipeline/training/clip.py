@@ -24,7 +24,7 @@ from pipeline.metrics.retrieval import recall_at_k
 from pipeline.models import LoadedModel
 from pipeline.models.encode import autocast, encode_image_batches, encode_texts, image_loader
 from pipeline.params import TrainParams
-from pipeline.training.checkpoints import TrainResult, snapshot
+from pipeline.training.checkpoints import Resume, TrainResult, capture_rng, restore_rng, result_from_state, result_state, snapshot
 from pipeline.training.optim import build_optimizer, cosine_with_warmup, param_groups, seed_everything
 
 MAX_LOGIT_SCALE = math.log(100)  # CLIP clamps the temperature so logits stay <= 100
@@ -83,7 +83,7 @@ def validation_recall(loaded: LoadedModel, prepared: Prepared, split: str = "val
     return row
 
 
-def train_clip(loaded: LoadedModel, prepared: Prepared, params: TrainParams) -> TrainResult:
+def train_clip(loaded: LoadedModel, prepared: Prepared, params: TrainParams, resume: Resume = Resume()) -> TrainResult:
     seed_everything(params.seed)
     model, device = loaded.model, loaded.device
     images, captions = captions_by_image(prepared, "train")
@@ -91,28 +91,37 @@ def train_clip(loaded: LoadedModel, prepared: Prepared, params: TrainParams) -> 
         raise ValueError("train.method 'clip' needs a train split with captions or class labels; the prepared data has none")
     pairs = ImageCaptionPairs(prepared.image_paths(images), captions, loaded.tokenizer, loaded.preprocess_train, params.seed)
     batch_size = min(params.batch_size, len(pairs))
+    shuffle = torch.Generator().manual_seed(params.seed)
     loader = DataLoader(
         pairs,
         batch_size=batch_size,
         shuffle=True,
         drop_last=True,  # a tiny last batch gives a noisy contrastive loss
         num_workers=params.num_workers,
-        generator=torch.Generator().manual_seed(params.seed),
+        generator=shuffle,
         persistent_workers=params.num_workers > 0,
     )
     optimizer = build_optimizer(param_groups(model, params.weight_decay), params.optimizer, params.lr)
     scheduler = cosine_with_warmup(optimizer, params.epochs * len(loader), params.warmup_fraction)
     loss_fn = ClipLoss()
 
-    result = TrainResult(best={}, last={}, best_epoch=0)
-    best_score = -1.0
-    val = validation_recall(loaded, prepared)
-    if val is None:
-        result.notes.append("no val split: the best checkpoint is the last one")
+    state = resume.load()
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        restore_rng(state["rng"], {"shuffle": shuffle}, {})
+        result, best_score, has_val, first_epoch = result_from_state(state["result"]), state["best_score"], state["has_val"], state["epoch"] + 1
     else:
-        result.val_rows.append({"epoch": 0, **val})
+        result, best_score, first_epoch = TrainResult(best={}, last={}, best_epoch=0), -1.0, 1
+        val = validation_recall(loaded, prepared)
+        has_val = val is not None
+        if has_val:
+            result.val_rows.append({"epoch": 0, **val})
+        else:
+            result.notes.append("no val split: the best checkpoint is the last one")
 
-    for epoch in range(1, params.epochs + 1):
+    for epoch in range(first_epoch, params.epochs + 1):
         model.train()
         pairs.epoch = epoch
         start, losses = time.perf_counter(), []
@@ -137,7 +146,7 @@ def train_clip(loaded: LoadedModel, prepared: Prepared, params: TrainParams) -> 
                 "epoch_s": round(time.perf_counter() - start, 3),
             }
         )
-        if val is not None and (epoch % params.val_every == 0 or epoch == params.epochs):
+        if has_val and (epoch % params.val_every == 0 or epoch == params.epochs):
             row = validation_recall(loaded, prepared)
             result.val_rows.append({"epoch": epoch, **row})
             if row["mean_recall"] > best_score:
@@ -145,7 +154,11 @@ def train_clip(loaded: LoadedModel, prepared: Prepared, params: TrainParams) -> 
                 result.best = snapshot(model, epoch)
         if params.checkpoint_every and epoch % params.checkpoint_every == 0:
             result.periodic[f"epoch-{epoch:04d}.pt"] = snapshot(model, epoch)
+        resume.save(
+            epoch=epoch, model=model.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+            rng=capture_rng({"shuffle": shuffle}, {}), result=result_state(result), best_score=best_score, has_val=has_val,
+        )  # fmt: skip
     result.last = snapshot(model, params.epochs)
-    if val is None:
+    if not has_val:
         result.best, result.best_epoch = result.last, params.epochs
     return result

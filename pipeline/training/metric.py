@@ -29,7 +29,7 @@ from pipeline.models import LoadedModel
 from pipeline.models.encode import autocast, encode_image_batches, image_features, image_loader
 from pipeline.models.heads import ProjectionHead, unfreeze_last_blocks
 from pipeline.params import TrainParams
-from pipeline.training.checkpoints import TrainResult, snapshot
+from pipeline.training.checkpoints import Resume, TrainResult, capture_rng, restore_rng, result_from_state, result_state, snapshot
 from pipeline.training.losses import all_triplets_loss, contrastive_loss, pair_distance, triplet_margin_loss
 from pipeline.training.miners import mine_triplets
 from pipeline.training.optim import build_optimizer, cosine_with_warmup, seed_everything
@@ -144,9 +144,21 @@ def _run_epochs(
     stopper: EarlyStopping,
     result: TrainResult,
     set_train_mode: Callable[[], None],
+    run: "RunState",
+    phase: str = "train",
 ) -> bool:
-    """Shared epoch loop; returns False when early stopping ended training."""
+    """Shared epoch loop; returns False when early stopping ended training.
+
+    After each epoch the whole state goes to `run.resume`; `run.state`, when it was saved in this
+    phase, continues the loop after its epoch.
+    """
     scheduler = cosine_with_warmup(optimizer, total_steps, params.warmup_fraction)
+    if result.stopped_early_at is not None:  # resumed from the epoch that stopped the run
+        return False
+    if run.state is not None and run.state["phase"] == phase:
+        optimizer.load_state_dict(run.state["optimizer"])
+        scheduler.load_state_dict(run.state["scheduler"])
+        epochs = range(run.state["epoch"] + 1, epochs.stop)
     trainable = [p for group in optimizer.param_groups for p in group["params"]]
     for epoch in epochs:
         set_train_mode()
@@ -174,8 +186,37 @@ def _run_epochs(
         if stopper.should_stop:
             result.stopped_early_at = epoch
             result.notes.append(f"early stopping at epoch {epoch}: no val_loss improvement > {params.min_delta} for {params.patience} validations")
+        run.save(epoch, phase, loaded, optimizer, scheduler, result, stopper)
+        if result.stopped_early_at is not None:
             return False
     return True
+
+
+class RunState:
+    """A metric-learning run's link to `Resume`: restores a saved state, saves one after each epoch."""
+
+    def __init__(self, resume: Resume, numpy_rngs: dict[str, np.random.Generator]):
+        self.resume, self.numpy_rngs = resume, numpy_rngs
+        self.state = resume.load()
+
+    def restore(self, loaded: LoadedModel, stopper: EarlyStopping) -> TrainResult:
+        """The result so far (empty when starting fresh); weights, stopper and random states restored."""
+        if self.state is None:
+            return TrainResult(best={}, last={}, best_epoch=0)
+        loaded.model.load_state_dict(self.state["model"])
+        if loaded.image_head is not None:
+            loaded.image_head.load_state_dict(self.state["head"])
+        stopper.best, stopper.bad_rounds = self.state["stopper"]["best"], self.state["stopper"]["bad_rounds"]
+        restore_rng(self.state["rng"], {}, self.numpy_rngs)
+        return result_from_state(self.state["result"])
+
+    def save(self, epoch: int, phase: str, loaded: LoadedModel, optimizer, scheduler, result: TrainResult, stopper: EarlyStopping) -> None:
+        self.resume.save(
+            epoch=epoch, phase=phase, model=loaded.model.state_dict(),
+            head=None if loaded.image_head is None else loaded.image_head.state_dict(),
+            optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), result=result_state(result),
+            stopper={"best": stopper.best, "bad_rounds": stopper.bad_rounds}, rng=capture_rng({}, self.numpy_rngs),
+        )  # fmt: skip
 
 
 def _finish(loaded: LoadedModel, params: TrainParams, result: TrainResult, validator: Validator, last_epoch: int) -> TrainResult:
@@ -193,7 +234,7 @@ def _training_images(prepared: Prepared) -> pd.DataFrame:
     return images
 
 
-def train_siamese(loaded: LoadedModel, prepared: Prepared, params: TrainParams) -> TrainResult:
+def train_siamese(loaded: LoadedModel, prepared: Prepared, params: TrainParams, resume: Resume = Resume()) -> TrainResult:
     seed_everything(params.seed)
     model, device, cfg = loaded.model, loaded.device, params.siamese
     images = _training_images(prepared)
@@ -226,15 +267,16 @@ def train_siamese(loaded: LoadedModel, prepared: Prepared, params: TrainParams) 
         return contrastive_loss(pair_distance(both[: len(a)], both[len(a) :]), same.float(), cfg.margin)
 
     validator = Validator(loaded, prepared, params)
-    result = TrainResult(best={}, last={}, best_epoch=0)
     stopper = EarlyStopping(params.patience, params.min_delta)
+    run = RunState(resume, {"pairs": rng})
+    result = run.restore(loaded, stopper)
     finished = _run_epochs(
-        loaded, params, range(1, params.epochs + 1), make_batches, step_loss, optimizer, steps, validator, stopper, result, model.train
+        loaded, params, range(1, params.epochs + 1), make_batches, step_loss, optimizer, steps, validator, stopper, result, model.train, run
     )
     return _finish(loaded, params, result, validator, params.epochs if finished else result.stopped_early_at)
 
 
-def train_triplet(loaded: LoadedModel, prepared: Prepared, params: TrainParams) -> TrainResult:
+def train_triplet(loaded: LoadedModel, prepared: Prepared, params: TrainParams, resume: Resume = Resume()) -> TrainResult:
     seed_everything(params.seed)
     model, device, cfg = loaded.model, loaded.device, params.triplet
     images = _training_images(prepared)
@@ -263,8 +305,9 @@ def train_triplet(loaded: LoadedModel, prepared: Prepared, params: TrainParams) 
             module.train()
 
     validator = Validator(loaded, prepared, params)
-    result = TrainResult(best={}, last={}, best_epoch=0)
     stopper = EarlyStopping(params.patience, params.min_delta)
+    run = RunState(resume, {})
+    result = run.restore(loaded, stopper)
     steps_per_epoch = len(sampler)
     head_epochs = min(cfg.head_epochs, params.epochs)
     last_epoch = params.epochs
@@ -272,11 +315,11 @@ def train_triplet(loaded: LoadedModel, prepared: Prepared, params: TrainParams) 
     # Stage 1: the head alone on the frozen tower.
     tail_modules: list[torch.nn.Module] = []
     head_group = {"params": list(loaded.image_head.parameters()), "weight_decay": params.weight_decay}
-    if head_epochs:
+    if head_epochs and (run.state is None or run.state["phase"] == "head"):
         optimizer = build_optimizer([head_group], params.optimizer, params.lr)
         finished = _run_epochs(
             loaded, params, range(1, head_epochs + 1), make_batches, step_loss, optimizer, steps_per_epoch * head_epochs,
-            validator, stopper, result, train_mode,
+            validator, stopper, result, train_mode, run, phase="head",
         )
         if not finished:
             return _finish(loaded, params, result, validator, result.stopped_early_at)
@@ -289,7 +332,7 @@ def train_triplet(loaded: LoadedModel, prepared: Prepared, params: TrainParams) 
         optimizer = build_optimizer(groups, params.optimizer, params.lr)
         finished = _run_epochs(
             loaded, params, range(head_epochs + 1, params.epochs + 1), make_batches, step_loss, optimizer,
-            steps_per_epoch * (params.epochs - head_epochs), validator, stopper, result, train_mode,
+            steps_per_epoch * (params.epochs - head_epochs), validator, stopper, result, train_mode, run, phase="tail",
         )
         last_epoch = params.epochs if finished else result.stopped_early_at
     result.notes.append(f"triplet: {head_epochs} head-only epochs, then the last {cfg.unfreeze_blocks} tower blocks at lr x {cfg.backbone_lr_scale}")

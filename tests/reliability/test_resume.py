@@ -1,0 +1,96 @@
+"""train.resume: a run killed after an epoch continues from its saved state and ends exactly where an
+uninterrupted run with the same seed ends (CPU): the same weights, the same curves."""
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from pipeline import train
+from pipeline.datasets import prepare
+from pipeline.params import DataParams
+from pipeline.training.checkpoints import Resume
+
+METHODS = {
+    "clip": {},
+    "siamese": {"siamese": {"samples_per_class": 8}},
+    # One head-only epoch, then the tail: the kill after epoch 2 lands in the second stage.
+    "triplet": {"triplet": {"head_epochs": 1, "unfreeze_blocks": 1, "classes_per_batch": 4, "images_per_class": 4}},
+}
+
+
+class Killed(Exception):
+    """Stands in for SIGKILL right after an epoch's state was saved."""
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    out = tmp_path_factory.mktemp("resume") / "prepared"
+    prepare(DataParams(synthetic={"n_classes": 4, "images_per_class": 8}, splits={"train": 0.5, "val": 0.25, "test": 0.25}), out)
+    return out
+
+
+def _train(data, folder, method, resume=False):
+    folder.mkdir(exist_ok=True)
+    params = folder / "params.yaml"
+    train_params = {"method": method, "epochs": 4, "batch_size": 8, "resume": resume, **METHODS[method]}
+    params.write_text(yaml.safe_dump({"train": train_params}))
+    train.main(params_file=params, data=data, out=folder / "model", reports=folder / "reports")
+
+
+def _outcome(folder):
+    weights = {name: torch.load(folder / "model" / name, weights_only=True) for name in ("best.pt", "last.pt")}
+    loss = pd.read_csv(folder / "reports" / "loss.csv").drop(columns=["epoch_s"])
+    return weights, loss, pd.read_csv(folder / "reports" / "val.csv")
+
+
+def _same_weights(a: dict, b: dict) -> bool:
+    if a.keys() != b.keys():
+        return False
+    return all(_same_weights(a[k], b[k]) if isinstance(a[k], dict) else torch.equal(a[k], b[k]) if torch.is_tensor(a[k]) else a[k] == b[k] for k in a)
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_a_resumed_run_ends_bit_identical_to_an_uninterrupted_one(data, tmp_path, monkeypatch, method):
+    _train(data, tmp_path / "straight", method)
+    expected = _outcome(tmp_path / "straight")
+    assert not (tmp_path / "straight" / "model.resume.pt").exists()  # a finished run leaves no state
+
+    save = Resume.save
+
+    def save_then_die(self, **state):
+        save(self, **state)
+        if state["epoch"] == 2:
+            raise Killed
+
+    monkeypatch.setattr(Resume, "save", save_then_die)
+    with pytest.raises(Killed):
+        _train(data, tmp_path / "interrupted", method)
+    monkeypatch.undo()
+    assert (tmp_path / "interrupted" / "model.resume.pt").exists() and not (tmp_path / "interrupted" / "model").exists()
+
+    _train(data, tmp_path / "interrupted", method, resume=True)
+    weights, loss, val = _outcome(tmp_path / "interrupted")
+    assert _same_weights(weights["last.pt"], expected[0]["last.pt"]) and _same_weights(weights["best.pt"], expected[0]["best.pt"])
+    pd.testing.assert_frame_equal(loss, expected[1])
+    pd.testing.assert_frame_equal(val, expected[2])
+    assert not (tmp_path / "interrupted" / "model.resume.pt").exists()
+
+
+def test_a_state_from_other_params_is_not_resumed(data, tmp_path, monkeypatch, caplog):
+    save = Resume.save
+
+    def die_after_first_epoch(self, **state):
+        save(self, **state)
+        raise Killed
+
+    monkeypatch.setattr(Resume, "save", die_after_first_epoch)
+    with pytest.raises(Killed):
+        _train(data, tmp_path, "clip")
+    monkeypatch.undo()
+
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"train": {"method": "clip", "epochs": 2, "batch_size": 8, "lr": 0.01, "resume": True}}))
+    train.main(params_file=params, data=data, out=tmp_path / "model", reports=tmp_path / "reports")
+    assert "saved with other params or data: training starts from the beginning" in caplog.text
+    assert list(pd.read_csv(tmp_path / "reports" / "loss.csv")["epoch"]) == [1, 2]
