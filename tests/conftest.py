@@ -22,27 +22,32 @@ def invoke(app, args):
     return result.output
 
 
-@pytest.fixture(scope="session")
-def artifacts(tmp_path_factory):
-    root = tmp_path_factory.mktemp("artifacts")
-    params = root / "params.yaml"
-    params.write_text(yaml.safe_dump(TINY))
+def run_pipeline(root, params: dict) -> dict:
+    """Every stage, in order, as `dvc repro` runs them, into folders under `root`; returns their paths."""
+    root.mkdir(parents=True, exist_ok=True)
+    params_file = root / "params.yaml"
+    params_file.write_text(yaml.safe_dump(params))
     folders = {"data": "data/prepared", "model": "artifacts/model", "emb": "artifacts/embeddings", "index": "artifacts/index",
-               "reports": "reports", "gallery": "artifacts/gallery"}  # fmt: skip
+               "probe": "artifacts/probe", "reports": "reports", "gallery": "artifacts/gallery"}  # fmt: skip
     paths = {key: root / folder for key, folder in folders.items()}
-    invoke(prepare.app, ["--params", params, "--out", paths["data"]])
-    invoke(train.app, ["--params", params, "--data", paths["data"], "--out", paths["model"], "--reports", paths["reports"] / "train"])
-    invoke(embed.app, ["--params", params, "--data", paths["data"], "--model", paths["model"], "--out", paths["emb"]])
-    invoke(index.app, ["--params", params, "--embeddings", paths["emb"], "--out", paths["index"]])
-    invoke(probe.app, ["--params", params, "--data", paths["data"], "--model", paths["model"], "--out", root / "artifacts/probe"])
+    invoke(prepare.app, ["--params", params_file, "--out", paths["data"]])
+    invoke(train.app, ["--params", params_file, "--data", paths["data"], "--out", paths["model"], "--reports", paths["reports"] / "train"])
+    invoke(embed.app, ["--params", params_file, "--data", paths["data"], "--model", paths["model"], "--out", paths["emb"]])
+    invoke(index.app, ["--params", params_file, "--embeddings", paths["emb"], "--out", paths["index"]])
+    invoke(probe.app, ["--params", params_file, "--data", paths["data"], "--model", paths["model"], "--out", paths["probe"]])
     invoke(
         evaluate.app,
-        ["--params", params, "--data", paths["data"], "--embeddings", paths["emb"], "--index", paths["index"], "--probe", root / "artifacts/probe",
+        ["--params", params_file, "--data", paths["data"], "--embeddings", paths["emb"], "--index", paths["index"], "--probe", paths["probe"],
          "--train-reports", paths["reports"] / "train", "--reports", paths["reports"], "--methods", root / "none.json"],
-    )
+    )  # fmt: skip
     images = pd.read_parquet(paths["data"] / "images.parquet")
     paths["images"] = [paths["data"] / p for p in images["path"]]
     return paths
+
+
+@pytest.fixture(scope="session")
+def artifacts(tmp_path_factory):
+    return run_pipeline(tmp_path_factory.mktemp("artifacts"), TINY)
 
 
 def where(paths) -> list:

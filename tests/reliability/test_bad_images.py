@@ -98,7 +98,7 @@ def test_rejected_count_reaches_the_reports(artifacts, tmp_path):
     invoke(
         evaluate.app,
         ["--params", params_file, "--data", data, "--embeddings", artifacts["emb"], "--index", artifacts["index"],
-         "--probe", artifacts["model"].parent / "probe", "--train-reports", artifacts["reports"] / "train",
+         "--probe", artifacts["probe"], "--train-reports", artifacts["reports"] / "train",
          "--reports", reports, "--methods", tmp_path / "none.json"],
     )  # fmt: skip
     dataset = io.read_json(reports / "metrics.json")["dataset"]
