@@ -35,6 +35,12 @@ def main(
     _, class_emb = io.read_embeddings(embeddings / "classes.parquet")
     embed_info = io.read_json(embeddings / "embed.json")
     index = faiss_index.load(index_dir)
+    n_split = int((images["split"] == params.split).sum())
+    if texts is not None and n_split and max(params.recall_k) >= n_split:
+        raise params_lib.ParamsError(
+            f"evaluate.recall_k: R@{max(params.recall_k)} asked for, but the '{params.split}' split has {n_split} images, "
+            f"so recall at {n_split} or more is 1 whatever the model; use values below {n_split}"
+        )
 
     if embed_info["model"].get("image_text_aligned", True):
         zero_shot = tasks.zero_shot(images, image_emb, class_emb, prepared.class_names, params.split)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from pipeline import datasets, params as params_lib
+from pipeline import datasets, params as params_lib, preflight
 from pipeline.stage import PARAMS_OPTION, stage_app
 
 
@@ -14,7 +14,11 @@ def main(
     params_file: Path = PARAMS_OPTION,
     out: Path = typer.Option(Path("data/prepared"), help="output folder (replaced atomically)"),
 ) -> None:
-    params = params_lib.load(params_file).data
+    everything = params_lib.load(params_file)
+    # The first stage checks the params of all of them, so a mistake fails in seconds. (Only
+    # `data` is this stage's DVC params: the others are checked here, not used.)
+    preflight.check(everything)
+    params = everything.data
     dataset = datasets.prepare(params, out)
     counts = dataset.images["split"].value_counts().to_dict()
     n_captions = 0 if dataset.captions is None else len(dataset.captions)

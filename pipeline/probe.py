@@ -44,6 +44,10 @@ def main(
             f"needs labelled images in the '{params.gallery_split}' (gallery) and '{params.query_split}' (query) splits and 2+ classes"
         )
     else:
+        if params.k > len(gallery):
+            raise params_lib.ParamsError(
+                f"probe.k: {params.k} neighbours asked for, but the '{params.gallery_split}' gallery has {len(gallery)} labelled images"
+            )
         gallery_labels = gallery["label"].to_numpy().astype(np.int64)
         query_labels = queries["label"].to_numpy().astype(np.int64)
 

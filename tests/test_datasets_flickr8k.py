@@ -68,7 +68,7 @@ def params(root: Path, **overrides) -> DataParams:
 def test_official_splits_and_quirk_captions_are_reported_not_fatal(tmp_path):
     root = tmp_path / "flickr8k"
     make_official(root)
-    ds = flickr8k.prepare(params(root), tmp_path / "out")  # skip_bad_files is false: still no error
+    ds = flickr8k.prepare(params(root), tmp_path / "out")  # on_bad_annotation is fail: still no error
 
     assert ds.image_root == root / "Flicker8k_Dataset"
     split_of = dict(zip(ds.images["path"], ds.images["split"]))

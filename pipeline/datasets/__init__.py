@@ -22,10 +22,10 @@ import pandas as pd
 
 from pipeline import io
 from pipeline.datasets.base import DatasetError, PreparedDataset, cap_per_split
+from pipeline.params import DataParams
 
 REJECTED_COLUMNS = ["path", "kind", "reason"]
 REJECTED_KINDS = ("image", "annotation", "note")
-from pipeline.params import DataParams
 
 SOURCES = {
     "synthetic": "pipeline.datasets.synthetic",

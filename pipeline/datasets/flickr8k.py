@@ -14,7 +14,7 @@ one file, `restval` counted as train) is accepted. When both are there the offic
 wins, because it is what the split files refer to; a note in dataset.json says the JSON was ignored.
 
 The token file names a few images that do not exist (`2258277193_586949ec62.jpg.1#0` ...). Those
-captions are recorded under `rejected` and never fail the stage. Images in no split file are left
+captions are recorded as notes in rejected.parquet and never fail the stage. Images in no split file are left
 out and counted in the notes.
 """
 
@@ -79,11 +79,12 @@ def prepare(params: DataParams, out_dir: Path) -> PreparedDataset:
     if token_path is not None:
         if karpathy_path is not None:
             notes.append(f"captions and splits from {token_path} and the official split files; {karpathy_path} ignored")
-        splits = _read_split_files(token_path.parent, root)
+        splits, listed_at = _read_split_files(token_path.parent, root)
         captions = _read_token_file(token_path, rejections)
     else:
         notes.append(f"captions and splits from {karpathy_path} (Karpathy split, restval counted as train)")
         splits, captions = _read_karpathy(karpathy_path)
+        listed_at = {file: str(karpathy_path) for file in splits}
 
     # Captions of images that are not on disk (the token file's `.jpg.1` entries): reported only.
     absent = captions[~captions["file"].isin(on_disk)]
@@ -104,7 +105,7 @@ def prepare(params: DataParams, out_dir: Path) -> PreparedDataset:
     uncaptioned = 0
     for file, split in splits.items():
         if file not in on_disk:
-            rejections.bad_image(image_dir / file, f"image of the {split} split not found")
+            rejections.bad_image(image_dir / file, f"image of the {split} split not found (listed at {listed_at[file]})")
             continue
         if file not in captioned:
             uncaptioned += 1
@@ -171,10 +172,10 @@ def _read_text(path: Path) -> list[str]:
         raise DatasetError(f"{path}: not UTF-8 text ({err})") from None
 
 
-def _read_split_files(folder: Path, root: Path) -> dict[str, str]:
-    """{image file name: split}; the split files sit beside the token file."""
+def _read_split_files(folder: Path, root: Path) -> tuple[dict[str, str], dict[str, str]]:
+    """({image file name: split}, {image file name: "split file:line"}); the split files sit beside the token file."""
     splits: dict[str, str] = {}
-    origin: dict[str, Path] = {}
+    origin: dict[str, str] = {}
     for split, name in SPLIT_FILES.items():
         path = folder / name
         if not path.is_file():
@@ -190,8 +191,8 @@ def _read_split_files(folder: Path, root: Path) -> dict[str, str]:
             if file in splits and splits[file] != split:
                 raise DatasetError(f"{path}:{line_no}: {file} is already listed in {origin[file]}")
             splits[file] = split
-            origin[file] = path
-    return splits
+            origin[file] = f"{path}:{line_no}"
+    return splits, origin
 
 
 def _read_token_file(path: Path, rejections: Rejections) -> pd.DataFrame:

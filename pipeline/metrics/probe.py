@@ -74,7 +74,6 @@ def knn_probe(
         index = faiss.IndexFlatL2(gallery.shape[1])
     index.add(np.ascontiguousarray(gallery, dtype=np.float32))
     queries = np.ascontiguousarray(queries, dtype=np.float32)
-    k = min(k, len(gallery))
     index.search(queries[:1], k)  # warm-up
     start = time.perf_counter()
     scores, rows = index.search(queries, k)

@@ -35,16 +35,27 @@ def _check_factory(factory: str, n: int) -> None:
             )
 
 
+def check_factory_string(factory: str, dim: int, metric: str = "ip", search_params: str = "") -> None:
+    """Fail now, naming the param, if `factory` or `search_params` cannot work for vectors of `dim`.
+
+    Builds the empty (untrained) index, which costs nothing; whether an IVF has enough vectors to
+    train is known only when the gallery is, and `build` checks it.
+    """
+    try:
+        index = faiss.index_factory(dim, factory, METRICS[metric])
+    except RuntimeError as err:
+        raise IndexBuildError(f"index.factory {factory!r} is not a valid FAISS factory string for dim {dim}: {err}") from None
+    apply_search_params(index, search_params)
+
+
 def build(vectors: np.ndarray, factory: str, metric: str = "ip", seed: int = 0) -> tuple[faiss.Index, float]:
     """Build (and train, where the factory needs it) an index over `vectors`; returns (index, seconds)."""
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     n, dim = vectors.shape
     _check_factory(factory, n)
     start = time.perf_counter()
-    try:
-        index = faiss.index_factory(dim, factory, METRICS[metric])
-    except RuntimeError as err:
-        raise IndexBuildError(f"index.factory {factory!r} is not a valid FAISS factory string for dim {dim}: {err}") from None
+    check_factory_string(factory, dim, metric)
+    index = faiss.index_factory(dim, factory, METRICS[metric])
     if not index.is_trained:
         rng = np.random.default_rng(seed)
         sample = vectors if n <= MAX_TRAIN_POINTS else vectors[rng.choice(n, MAX_TRAIN_POINTS, replace=False)]

@@ -94,7 +94,7 @@ def test_rejected_count_reaches_the_reports(artifacts, tmp_path):
     io.write_json(data / "dataset.json", {**info, "n_rejected": {"image": 3, "annotation": 2, "note": 0}})
     reports = tmp_path / "reports"
     params_file = tmp_path / "params.yaml"
-    params_file.write_text("evaluate: {n_examples: 1}\nindex: {factory: Flat, search_params: ''}\n")
+    params_file.write_text("evaluate: {n_examples: 1, recall_k: [1, 5]}\nindex: {factory: Flat, search_params: ''}\n")
     invoke(
         evaluate.app,
         ["--params", params_file, "--data", data, "--embeddings", artifacts["emb"], "--index", artifacts["index"],

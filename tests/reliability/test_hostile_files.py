@@ -68,7 +68,7 @@ def test_annotation_paths_cannot_leave_the_dataset_root(tmp_path, name):
     make_official(root)
     split_file = root / "Flickr8k_text" / "Flickr_8k.devImages.txt"
     split_file.write_text(split_file.read_text() + name + "\n")
-    with pytest.raises(DatasetError, match=rf"Flickr_8k.devImages.txt:\d+: image path .* is not a plain relative path"):
+    with pytest.raises(DatasetError, match=r"Flickr_8k.devImages.txt:\d+: image path .* is not a plain relative path"):
         flickr8k.prepare(flickr_params(root), tmp_path / "out")
 
     token = root / "Flickr8k_text" / "Flickr8k.token.txt"

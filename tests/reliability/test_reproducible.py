@@ -10,7 +10,7 @@ SMALL = {
     "train": {"method": "clip", "epochs": 2, "batch_size": 8},
     "index": {"factory": "HNSW16", "search_params": "efSearch=16"},
     "probe": {"k": 3},
-    "evaluate": {"n_examples": 1},
+    "evaluate": {"n_examples": 1, "recall_k": [1, 5]},
 }
 TIMING_SUFFIXES = ("_s", "_ms", "qps")
 
