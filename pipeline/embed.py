@@ -6,14 +6,15 @@
     embed.json                  which model made them, counts, timing
 
 One process writes shard 0. Under `torchrun --nproc_per_node N -m pipeline.embed`, rank r
-embeds rows r, r+N, ... and writes shard r; rank 0 writes the class prompts and embed.json last,
-so a folder with embed.json is complete.
+embeds rows r, r+N, ... and writes shard r into one temporary folder; rank 0 writes the class
+prompts and embed.json, and swaps the folder in when every rank is done, so the output folder is
+always complete (a killed launch leaves the previous one).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-import shutil
 import time
 from pathlib import Path
 
@@ -37,6 +38,15 @@ def _distributed() -> tuple[int, int]:
     if world > 1 and not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     return int(os.environ.get("RANK", "0")), world
+
+
+def _from_rank0(value, world: int):
+    """Rank 0's `value`, on every rank."""
+    if world == 1:
+        return value
+    shared = [value]
+    torch.distributed.broadcast_object_list(shared, src=0)
+    return shared[0]
 
 
 def _barrier(world: int) -> None:
@@ -90,20 +100,20 @@ def main(
 ) -> None:
     params = params_lib.load(params_file).embed
     rank, world = _distributed()
-    if world == 1:
-        with io.atomic_dir(out) as tmp:
-            info = embed_into(tmp, params, data, model_dir, rank, world)
-            io.write_json(tmp / "embed.json", {**info, "world_size": 1})
-    else:
-        if rank == 0:
-            shutil.rmtree(out, ignore_errors=True)  # stale shards of a larger earlier launch must go
-        _barrier(world)
-        info = embed_into(out, params, data, model_dir, rank, world)
-        totals = [None] * world
-        torch.distributed.all_gather_object(totals, info)
-        if rank == 0:
+    # Every rank writes its shards into one temporary folder that rank 0 made; rank 0 swaps it in
+    # for `out` only after all ranks are done, so a killed launch leaves the old embeddings whole.
+    with contextlib.ExitStack() as swap_in_at_exit:
+        tmp = swap_in_at_exit.enter_context(io.atomic_dir(out)) if rank == 0 else None
+        folder = Path(_from_rank0(str(tmp) if rank == 0 else None, world))
+        info = embed_into(folder, params, data, model_dir, rank, world)
+        if world > 1:
+            totals = [None] * world
+            torch.distributed.all_gather_object(totals, info)
             info = {**info, "n_images": sum(t["n_images"] for t in totals), "n_texts": sum(t["n_texts"] for t in totals)}
-            io.write_json(out / "embed.json", {**info, "world_size": world})
+        if rank == 0:
+            io.write_json(folder / "embed.json", {**info, "world_size": world})
+        _barrier(world)  # every shard is written before rank 0 swaps the folder in
+    if world > 1:
         _barrier(world)
         torch.distributed.destroy_process_group()
     if rank == 0:
