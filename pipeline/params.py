@@ -131,8 +131,8 @@ class TrainParams(_Section):
     min_delta: float = Field(0.0, ge=0)
     # Keep a checkpoint every N epochs besides best and last (0: none).
     checkpoint_every: int = Field(0, ge=0)
-    # The whole run state is saved after every epoch (artifacts/model.resume.pt). true: an
-    # interrupted run with the same params and data continues from it instead of starting over.
+    # true: the whole run state is saved after every epoch (artifacts/model.resume.pt), and a run
+    # interrupted with the same params and data continues from it instead of starting over.
     resume: bool = False
     # Horizontal flip and brightness/contrast jitter on training images (siamese, triplet).
     augment: bool = True

@@ -52,9 +52,9 @@ def _same_weights(a: dict, b: dict) -> bool:
 
 @pytest.mark.parametrize("method", list(METHODS))
 def test_a_resumed_run_ends_bit_identical_to_an_uninterrupted_one(data, tmp_path, monkeypatch, method):
-    _train(data, tmp_path / "straight", method)
+    _train(data, tmp_path / "straight", method)  # resume off: nothing saved between epochs
     expected = _outcome(tmp_path / "straight")
-    assert not (tmp_path / "straight" / "model.resume.pt").exists()  # a finished run leaves no state
+    assert not (tmp_path / "straight" / "model.resume.pt").exists()
 
     save = Resume.save
 
@@ -65,7 +65,7 @@ def test_a_resumed_run_ends_bit_identical_to_an_uninterrupted_one(data, tmp_path
 
     monkeypatch.setattr(Resume, "save", save_then_die)
     with pytest.raises(Killed):
-        _train(data, tmp_path / "interrupted", method)
+        _train(data, tmp_path / "interrupted", method, resume=True)
     monkeypatch.undo()
     assert (tmp_path / "interrupted" / "model.resume.pt").exists() and not (tmp_path / "interrupted" / "model").exists()
 
@@ -86,7 +86,7 @@ def test_a_state_from_other_params_is_not_resumed(data, tmp_path, monkeypatch, c
 
     monkeypatch.setattr(Resume, "save", die_after_first_epoch)
     with pytest.raises(Killed):
-        _train(data, tmp_path, "clip")
+        _train(data, tmp_path, "clip", resume=True)
     monkeypatch.undo()
 
     params = tmp_path / "params.yaml"
