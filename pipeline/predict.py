@@ -20,6 +20,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 import pandas as pd
+from scipy.special import softmax
 
 from pipeline import io
 from pipeline.datasets.base import DEFAULT_TEMPLATES, DatasetError
@@ -166,8 +167,7 @@ class Predictor:
         names, class_emb = self._class_embeddings(labels)
         similarity = zero_shot_scores(self.embed([image]), class_emb)[0]
         scale = float(min(self.loaded.model.logit_scale.exp().item(), MAX_LOGIT_SCALE))
-        logits = scale * (similarity - similarity.max())
-        probability = np.exp(logits) / np.exp(logits).sum()
+        probability = softmax(scale * similarity)
         order = np.argsort(-similarity, kind="stable")[:k]
         return pd.DataFrame({"label": [names[i] for i in order], "probability": probability[order], "similarity": similarity[order]})
 
