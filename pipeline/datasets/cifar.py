@@ -195,7 +195,7 @@ def _read_py_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
         raise DatasetError(f"{path}: 'data' must be an N x {N_PIXELS} uint8 array, got shape {shape} dtype {dtype}")
     try:
         labels = np.asarray(batch["labels"], dtype=np.int64)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise DatasetError(f"{path}: 'labels' must be a list of integers") from None
     return data, _check_labels(path, labels, len(data))
 

@@ -208,7 +208,7 @@ def _read_token_file(path: Path, rejections: Rejections) -> pd.DataFrame:
         if not tab:
             rejections.bad_annotation(where, "expected '<image>.jpg#<n><TAB><caption>', found no tab")
             continue
-        if not hash_sign or not file or not number.isdigit():
+        if not hash_sign or not file or not (number.isascii() and number.isdigit()):
             rejections.bad_annotation(where, f"expected '<image>.jpg#<n>' before the tab, got {key!r}")
             continue
         if (file, int(number)) in seen:
