@@ -27,17 +27,19 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import pandas as pd
 
 from pipeline import io
-from pipeline.datasets.base import IMAGE_EXTENSIONS, DatasetError, load_rgb
+from pipeline.datasets.base import IMAGE_EXTENSIONS, DatasetError, check_image
 from pipeline.errors import GalleryError  # noqa: F401 (callers import it from here too)
 from pipeline.retrieval import faiss_index
 
 ADDED_SPLIT = "added"
+# The added images' rows of added.parquet and their embeddings, as read once per command.
+Added = tuple[pd.DataFrame, np.ndarray]
 log = logging.getLogger(__name__)
 Embed = Callable[[Sequence[Path]], np.ndarray]
 
@@ -127,7 +129,7 @@ class Gallery:
         if not (self.current / "index.faiss").exists():
             return with_full_paths(faiss_index.load(self.base.index_dir), self.folder, self.base)
         with _locked(self.folder):
-            return with_full_paths(self._fresh_state(), self.folder, self.base)
+            return with_full_paths(self._fresh_state()[0], self.folder, self.base)
 
     def add(self, paths: Sequence[str | Path], skip_bad: bool = False) -> tuple[AddReport, faiss_index.LoadedIndex]:
         """Embed new images into the gallery; returns what happened and the updated index.
@@ -138,7 +140,7 @@ class Gallery:
         images, ignored = collect_images(paths)
         report = AddReport(ignored=ignored)
         with _locked(self.folder):
-            state = self._fresh_state() if (self.current / "index.faiss").exists() else self._from_base()
+            state, previous = self._fresh_state() if (self.current / "index.faiss").exists() else (self._from_base(), None)
             known = dict(zip(state.ids["sha256"].dropna(), state.ids.loc[state.ids["sha256"].notna(), "image_id"]))
             new_rows = []
             for source in images:
@@ -146,12 +148,11 @@ class Gallery:
                 if digest in known:
                     report.duplicates.append((source, known[digest]))
                     continue
-                try:
-                    load_rgb(source)  # decodes the whole file: a truncated image fails here, not later
-                except DatasetError as err:
+                problem = check_image(source)  # decodes the whole file: a truncated image fails here, not later
+                if problem is not None:
                     if not skip_bad:
-                        raise
-                    report.rejected.append((source, str(err).removeprefix(f"{source}: ")))
+                        raise DatasetError(f"{source}: {problem}")
+                    report.rejected.append((source, problem))
                     continue
                 image_id = f"{ADDED_SPLIT}/{digest[:16]}"
                 known[digest] = image_id
@@ -162,7 +163,7 @@ class Gallery:
                 vectors = self.embed(list(rows["source"]))
                 for row in rows.itertuples():
                     self._store(row.source, self.folder / row.path)
-                state = self._save(state, rows, vectors)
+                state, _ = self._save(state, previous, rows, vectors)
             report.total = int(state.index.ntotal)
         return report, with_full_paths(state, self.folder, self.base)
 
@@ -188,10 +189,11 @@ class Gallery:
         }
         return faiss_index.LoadedIndex(index=base.index, ids=ids, info=info)
 
-    def _fresh_state(self) -> faiss_index.LoadedIndex:
+    def _fresh_state(self) -> tuple[faiss_index.LoadedIndex, Added]:
         """The saved gallery, re-embedded onto the pipeline's new index if `dvc repro` replaced it."""
         state = faiss_index.load(self.current)
-        self._check_consistent(state)
+        added, vectors = io.read_embeddings(self.current / "added.parquet")
+        self._check_consistent(state, added, vectors)
         built_on = state.info.get("base_index")
         if built_on != str(self.base.index_dir.resolve()):
             raise GalleryError(
@@ -199,8 +201,7 @@ class Gallery:
                 "give this index its own gallery folder (--gallery)"
             )
         if state.info.get("base_fingerprint") == base_fingerprint(self.base):
-            return state
-        added, _ = io.read_embeddings(self.current / "added.parquet")
+            return state, (added, vectors)
         missing = [p for p in added["path"] if not (self.folder / p).is_file()]
         if missing:
             raise GalleryError(
@@ -208,11 +209,9 @@ class Gallery:
                 f"restore it, or delete {self.folder} to start the gallery again"
             )
         log.warning("the pipeline's index or model changed since the last add: re-embedding %d added images", len(added))
-        vectors = self.embed([self.folder / p for p in added["path"]])
-        return self._save(self._from_base(), added, vectors)
+        return self._save(self._from_base(), None, added, self.embed([self.folder / p for p in added["path"]]))
 
-    def _check_consistent(self, state: faiss_index.LoadedIndex) -> None:
-        added, vectors = io.read_embeddings(self.current / "added.parquet")
+    def _check_consistent(self, state: faiss_index.LoadedIndex, added: pd.DataFrame, vectors: np.ndarray) -> None:
         n_base = state.info.get("n_base", -1)
         if not (state.index.ntotal == len(state.ids) == n_base + len(added) and len(vectors) == len(added)):
             raise GalleryError(
@@ -220,8 +219,11 @@ class Gallery:
                 f"({len(added)} + {n_base} from the pipeline) disagree; delete {self.folder} and add the images again"
             )
 
-    def _save(self, state: faiss_index.LoadedIndex, new_rows: pd.DataFrame, vectors: np.ndarray) -> faiss_index.LoadedIndex:
-        """Append `new_rows` (with their vectors) to `state` and swap the result in as `current/`."""
+    def _save(
+        self, state: faiss_index.LoadedIndex, previous: Optional[Added], new_rows: pd.DataFrame, vectors: np.ndarray
+    ) -> tuple[faiss_index.LoadedIndex, Added]:
+        """Append `new_rows` (with their vectors) to `state`, whose added images are `previous`
+        (None: none yet), and swap the result in as `current/`."""
         meta = pd.DataFrame(
             {
                 "image_id": new_rows["image_id"].to_numpy(),
@@ -233,10 +235,7 @@ class Gallery:
                 "source": new_rows["source"].astype(str).to_numpy(),
             }
         )
-        if state.info["n_added"]:
-            previous_meta, previous_vectors = io.read_embeddings(self.current / "added.parquet")
-        else:
-            previous_meta, previous_vectors = meta.iloc[:0], np.zeros((0, vectors.shape[1]), dtype=np.float32)
+        previous_meta, previous_vectors = previous or (meta.iloc[:0], np.zeros((0, vectors.shape[1]), dtype=np.float32))
         added_meta = pd.concat([previous_meta, meta], ignore_index=True)
         added_vectors = np.concatenate([previous_vectors, vectors])
         try:
@@ -248,4 +247,4 @@ class Gallery:
         with io.atomic_dir(self.current) as tmp:
             faiss_index.save(tmp, state.index, ids, info)
             io.write_embedding_shard(tmp / "added.parquet", added_meta, added_vectors)
-        return faiss_index.LoadedIndex(index=state.index, ids=ids, info=info)
+        return faiss_index.LoadedIndex(index=state.index, ids=ids, info=info), (added_meta, added_vectors)
