@@ -1,4 +1,6 @@
-"""Shared fixtures: a tiny set of pipeline artifacts, built once per test session."""
+"""Shared fixtures: a tiny set of pipeline artifacts, built once per test session, and no network."""
+
+from urllib.error import URLError
 
 import pandas as pd
 import pytest
@@ -6,6 +8,7 @@ import yaml
 from typer.testing import CliRunner
 
 from pipeline import embed, evaluate, index, prepare, probe, train
+from pipeline.predict import Predictor
 
 runner = CliRunner()
 TINY = {
@@ -58,3 +61,26 @@ def where(paths) -> list:
     ]  # fmt: skip
 
 
+
+
+def load_predictor(paths, gallery=None) -> Predictor:
+    """The Predictor over artifacts from `run_pipeline`; `gallery` overrides their gallery folder."""
+    return Predictor.from_artifacts(
+        paths["model"], paths["index"], paths["data"], paths["reports"] / "metrics.json",
+        embeddings_dir=paths["emb"], gallery_dir=gallery or paths["gallery"],
+    )  # fmt: skip
+
+
+@pytest.fixture
+def offline_downloads(monkeypatch) -> list:
+    """Every dataset download fails as it does without a network; yields the (url, md5) of each attempt."""
+    import torchvision.datasets.utils as tv_utils
+
+    calls = []
+
+    def offline(url, root, filename=None, md5=None, **kwargs):
+        calls.append((url, md5))
+        raise URLError("network is unreachable")
+
+    monkeypatch.setattr(tv_utils, "download_url", offline)
+    return calls

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pickle
 from pathlib import Path
-from urllib.error import URLError
 
 import numpy as np
 import pytest
@@ -155,20 +154,12 @@ def test_missing_data_without_download_says_what_to_get(tmp_path):
     assert CIFAR10.url in message and CIFAR10.tgz_md5 in message and str(root) in message
 
 
-def test_download_uses_torchvision_url_and_md5(tmp_path, monkeypatch):
-    import torchvision.datasets.utils as tv_utils
+def test_download_uses_torchvision_url_and_md5(tmp_path, offline_downloads):
     from torchvision.datasets import CIFAR10
 
-    calls = []
-
-    def offline(url, root, filename=None, md5=None, **kwargs):
-        calls.append((url, md5))
-        raise URLError("network is unreachable")
-
-    monkeypatch.setattr(tv_utils, "download_url", offline)
     with pytest.raises(DatasetError, match="downloading failed: URLError"):
         cifar.prepare(params(tmp_path / "cifar", download=True), tmp_path / "out")
-    assert calls == [(CIFAR10.url, CIFAR10.tgz_md5)]
+    assert offline_downloads == [(CIFAR10.url, CIFAR10.tgz_md5)]
 
 
 def test_prepare_writes_tables_that_load_back(tmp_path):

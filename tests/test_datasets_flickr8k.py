@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import zipfile
 from pathlib import Path
-from urllib.error import URLError
 
 import numpy as np
 import pytest
@@ -177,21 +176,14 @@ def test_missing_data_without_download_says_what_to_get(tmp_path):
     assert str(root) in message and "data.download is false" in message
 
 
-def test_download_uses_pinned_checksums_and_reports_failure(tmp_path, monkeypatch):
+def test_download_uses_pinned_checksums_and_reports_failure(tmp_path, monkeypatch, offline_downloads):
     import torchvision.datasets.utils as tv_utils
 
-    calls = []
-
-    def offline(url, root, filename=None, md5=None, **kwargs):
-        calls.append((url, md5))
-        raise URLError("network is unreachable")
-
-    monkeypatch.setattr(tv_utils, "download_url", offline)
     root = tmp_path / "flickr8k"
     with pytest.raises(DatasetError, match="downloading Flickr8k_text.zip failed: URLError") as err:
         flickr8k.prepare(params(root, download=True), tmp_path / "out")
     assert "Flicker8k_Dataset" in str(err.value)
-    assert calls == [
+    assert offline_downloads == [
         ("https://github.com/jbrownlee/Datasets/releases/download/Flickr8k/Flickr8k_text.zip", flickr8k.TEXT_ARCHIVE[1])
     ]
 

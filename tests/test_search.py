@@ -6,19 +6,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from conftest import invoke, runner, where
+from conftest import invoke, load_predictor, runner, where
 
 from pipeline import cli, index, io
 from pipeline.datasets.synthetic import draw_shape
-from pipeline.predict import PredictError, Predictor
+from pipeline.predict import PredictError
 from pipeline.retrieval.gallery import GalleryError
-
-
-def _predictor(paths, gallery=None) -> Predictor:
-    return Predictor.from_artifacts(
-        paths["model"], paths["index"], paths["data"], paths["reports"] / "metrics.json",
-        embeddings_dir=paths["emb"], gallery_dir=gallery or paths["gallery"],
-    )  # fmt: skip
 
 
 def _table(output: str) -> pd.DataFrame:
@@ -78,7 +71,7 @@ def test_search_rejects_bad_requests_clearly(artifacts, args, message):
 
 
 def test_classify_agrees_with_evaluates_zero_shot_predictions(artifacts):
-    predictor = _predictor(artifacts)
+    predictor = load_predictor(artifacts)
     images = pd.read_parquet(artifacts["data"] / "images.parquet")
     test = images[images["split"] == "test"]
     predicted = [predictor.classify(artifacts["data"] / path, k=1).at[0, "label"] for path in test["path"]]
@@ -146,7 +139,7 @@ def test_add_stops_on_a_corrupt_image_unless_asked_to_skip(artifacts, tmp_path):
 def test_an_interrupted_add_leaves_the_previous_gallery(artifacts, tmp_path, monkeypatch):
     new = _new_images(tmp_path / "new")
     gallery = tmp_path / "gallery"
-    predictor = _predictor(artifacts, gallery)
+    predictor = load_predictor(artifacts, gallery)
     predictor.add([new / "a.png"])
     before = pd.read_parquet(gallery / "current" / "ids.parquet")
 
@@ -158,7 +151,7 @@ def test_an_interrupted_add_leaves_the_previous_gallery(artifacts, tmp_path, mon
         predictor.add([new / "sub"])
     monkeypatch.undo()
 
-    reopened = _predictor(artifacts, gallery)
+    reopened = load_predictor(artifacts, gallery)
     assert reopened.index.ids["image_id"].tolist() == before["image_id"].tolist()
     assert sorted(p.name for p in gallery.iterdir()) == [".lock", "current", "store"]  # no half-written folder
     # The image whose add was interrupted can be added now.
@@ -171,13 +164,13 @@ def test_a_rebuilt_index_re_embeds_the_added_images(artifacts, tmp_path):
     shutil.copytree(artifacts["index"], base["index"])
     new = _new_images(tmp_path / "new")
     gallery = tmp_path / "gallery"
-    _predictor(base, gallery).add([new])
+    load_predictor(base, gallery).add([new])
     old_fingerprint = io.read_json(gallery / "current" / "index.json")["base_fingerprint"]
 
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump({"index": {"factory": "HNSW16", "search_params": "efSearch=32"}}))
     invoke(index.app, ["--params", params, "--embeddings", artifacts["emb"], "--out", base["index"]])
-    predictor = _predictor(base, gallery)
+    predictor = load_predictor(base, gallery)
     info = io.read_json(gallery / "current" / "index.json")
     assert info["base_fingerprint"] != old_fingerprint and info["factory"] == "HNSW16" and info["n_added"] == 2
     assert predictor.similar(new / "a.png", 1).at[0, "image_id"].startswith("added/")
@@ -185,20 +178,20 @@ def test_a_rebuilt_index_re_embeds_the_added_images(artifacts, tmp_path):
     (gallery / io.read_embeddings(gallery / "current" / "added.parquet")[0]["path"][0]).unlink()
     (gallery / "current" / "index.json").write_text((gallery / "current" / "index.json").read_text().replace(info["base_fingerprint"], "stale"))
     with pytest.raises(GalleryError, match="missing from the gallery store"):
-        _predictor(base, gallery)
+        load_predictor(base, gallery)
 
 
 def test_a_gallery_belongs_to_one_index(artifacts, tmp_path):
     other = tmp_path / "other_index"
     shutil.copytree(artifacts["index"], other)
     gallery = tmp_path / "gallery"
-    _predictor(artifacts, gallery).add([_new_images(tmp_path / "new") / "a.png"])
+    load_predictor(artifacts, gallery).add([_new_images(tmp_path / "new") / "a.png"])
     with pytest.raises(GalleryError, match="extends the index in .*give this index its own gallery"):
-        _predictor({**artifacts, "index": other}, gallery)
+        load_predictor({**artifacts, "index": other}, gallery)
 
 
 def test_text_search_and_classify_refuse_an_image_only_head(artifacts):
-    predictor = _predictor(artifacts)
+    predictor = load_predictor(artifacts)
     predictor.loaded.image_head = object()  # what a triplet-trained model carries
     for call in (lambda: predictor.search_text("a circle"), lambda: predictor.classify(artifacts["images"][0])):
         with pytest.raises(PredictError, match="trained on images only"):

@@ -11,12 +11,11 @@ from pathlib import Path
 
 import gradio as gr
 import pytest
-from conftest import where
+from conftest import load_predictor, where
 from PIL import Image
 
 from pipeline import web
 from pipeline.datasets.synthetic import draw_shape
-from pipeline.predict import Predictor
 
 CHROMIUM = Path(os.environ.get("CLIPLINE_CHROMIUM", "/usr/bin/chromium"))
 # Without the background-networking flags Chromium keeps trying to reach Google's hosts.
@@ -27,10 +26,7 @@ LIMITS = web.UploadLimits(max_upload_mb=1, max_pixels=200 * 200)
 
 @pytest.fixture
 def predictor(artifacts, tmp_path):
-    return Predictor.from_artifacts(
-        artifacts["model"], artifacts["index"], artifacts["data"], artifacts["reports"] / "metrics.json",
-        embeddings_dir=artifacts["emb"], gallery_dir=tmp_path / "gallery",
-    )  # fmt: skip
+    return load_predictor(artifacts, tmp_path / "gallery")
 
 
 def test_check_image_names_the_problem(artifacts, tmp_path):
@@ -114,7 +110,7 @@ def test_the_page_in_a_real_browser(served, artifacts, tmp_path):
         page.locator("#classify-image input[type=file]").set_input_files(str(query_image))
         page.locator("#classify-image img").first.wait_for(timeout=30_000)
         page.locator("#classify").click()
-        expected = Predictor.from_artifacts(artifacts["model"], artifacts["index"], artifacts["data"]).classify(query_image, k=1).at[0, "label"]
+        expected = load_predictor(artifacts).classify(query_image, k=1).at[0, "label"]
         page.locator("#classify-result h2, #classify-result .output-class").filter(has_text=expected).first.wait_for(timeout=60_000)
 
         page.reload()
