@@ -28,7 +28,7 @@ import typer
 from pipeline.datasets.synthetic import BACKGROUNDS, COLOURS, SHAPES, draw_shape
 from pipeline.models import create_model, load_trained
 from pipeline.models.encode import autocast, encode_class_prompts, encode_images
-from pipeline.datasets.base import load_rgb
+from pipeline.images import load_rgb
 
 CLASS_NAMES = SHAPES
 TEMPLATES = ["a small {}", "a large {}", "a picture of a {}", "there is a {}"]

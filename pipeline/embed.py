@@ -3,7 +3,7 @@
     images/part-RRRRR.parquet   image_id, path, split, label, class_name, embedding
     texts/part-RRRRR.parquet    caption_id, image_id, split, embedding   (sources with captions)
     classes.parquet             index, name, embedding (template ensemble, encoded once)
-    embed.json                  which model made them, counts, timing
+    embed.json                  which model made them, counts (timings: reports/timing/embed.json)
 
 One process writes shard 0. Under `torchrun --nproc_per_node N -m pipeline.embed`, rank r
 embeds rows r, r+N, ... and writes shard r into one temporary folder; rank 0 writes the class
@@ -22,11 +22,12 @@ import pandas as pd
 import torch
 import typer
 
-from pipeline import io, params as params_lib
-from pipeline.datasets import load_prepared
+from pipeline import io, preflight
+from pipeline import params as params_lib
 from pipeline.models import load_trained
 from pipeline.models.encode import encode_class_prompts, encode_images, encode_texts
-from pipeline.stage import DATA_OPTION, MODEL_OPTION, PARAMS_OPTION, stage_app
+from pipeline.prepared import load_prepared
+from pipeline.stage import DATA_OPTION, MODEL_OPTION, PARAMS_OPTION, load_params, stage_app, timing_option, write_timing
 
 IMAGE_META = ["image_id", "path", "split", "label", "class_name"]
 TEXT_META = ["caption_id", "image_id", "split"]
@@ -54,26 +55,27 @@ def _barrier(world: int) -> None:
         torch.distributed.barrier()
 
 
-def embed_into(folder: Path, params: params_lib.EmbedParams, data: Path, model_dir: Path, rank: int, world: int) -> dict:
-    """Write this rank's shards into `folder`; rank 0 adds the class prompts. Returns counts."""
-    start = time.perf_counter()
-    device = params.device
+def embed_into(folder: Path, params: params_lib.Params, data: Path, model_dir: Path, rank: int, world: int) -> tuple[dict, dict]:
+    """Write this rank's shards into `folder`; rank 0 adds the class prompts. Returns (counts, timing)."""
+    runtime = params.runtime
+    prepared = load_prepared(data)
+    preflight.check_against_data(params, prepared.images, prepared.captions is not None)
+    device = runtime.device
     if device == "auto" and torch.cuda.is_available() and world > 1:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
     loaded, model_info = load_trained(model_dir, device)
-    prepared = load_prepared(data)
     shard = f"part-{rank:05d}.parquet"
 
     images = prepared.images.iloc[rank::world]
     image_start = time.perf_counter()
-    image_emb = encode_images(loaded, prepared.image_paths(images), params.batch_size, params.num_workers)
+    image_emb = encode_images(loaded, prepared.image_paths(images), runtime.batch_size, runtime.num_workers)
     image_s = time.perf_counter() - image_start
     io.write_embedding_shard(folder / "images" / shard, images[IMAGE_META], image_emb)
 
     n_texts = 0
     if prepared.captions is not None:
         captions = prepared.captions.iloc[rank::world]
-        text_emb = encode_texts(loaded, captions["caption"].tolist(), params.batch_size)
+        text_emb = encode_texts(loaded, captions["caption"].tolist(), runtime.batch_size)
         io.write_embedding_shard(folder / "texts" / shard, captions[TEXT_META], text_emb)
         n_texts = len(captions)
 
@@ -81,15 +83,14 @@ def embed_into(folder: Path, params: params_lib.EmbedParams, data: Path, model_d
         class_emb = encode_class_prompts(loaded, prepared.class_names, prepared.templates)
         classes = pd.DataFrame({"index": [c["index"] for c in prepared.classes], "name": prepared.class_names})
         io.write_embedding_shard(folder / "classes.parquet", classes, class_emb)
-    return {
+    counts = {
         "model": model_info,  # which model made these embeddings (artifacts/model/model.json)
         "dim": int(image_emb.shape[1]),
         "n_images": len(images),
         "n_texts": n_texts,
-        "images_per_s": round(len(images) / image_s, 1) if image_s > 0 else None,
-        "device": str(loaded.device),
-        "embed_s": round(time.perf_counter() - start, 3),
     }
+    timing = {"images_per_s": round(len(images) / image_s, 1) if image_s > 0 else None, "device": str(loaded.device)}
+    return counts, timing
 
 
 def main(
@@ -97,27 +98,31 @@ def main(
     data: Path = DATA_OPTION,
     model_dir: Path = MODEL_OPTION,
     out: Path = typer.Option(Path("artifacts/embeddings"), help="embeddings folder (replaced atomically)"),
+    timing: Path = timing_option("embed"),
 ) -> None:
-    params = params_lib.load(params_file).embed
+    start = time.perf_counter()
+    params = load_params(params_file)
     rank, world = _distributed()
     # Every rank writes its shards into one temporary folder that rank 0 made; rank 0 swaps it in
     # for `out` only after all ranks are done, so a killed launch leaves the old embeddings whole.
     with contextlib.ExitStack() as swap_in_at_exit:
         tmp = swap_in_at_exit.enter_context(io.atomic_dir(out)) if rank == 0 else None
         folder = Path(_from_rank0(str(tmp) if rank == 0 else None, world))
-        info = embed_into(folder, params, data, model_dir, rank, world)
+        info, speed = embed_into(folder, params, data, model_dir, rank, world)
         if world > 1:
             totals = [None] * world
             torch.distributed.all_gather_object(totals, info)
             info = {**info, "n_images": sum(t["n_images"] for t in totals), "n_texts": sum(t["n_texts"] for t in totals)}
         if rank == 0:
-            io.write_json(folder / "embed.json", {**info, "world_size": world})
+            # How many processes wrote the shards is not recorded here: it changes speed, not content.
+            io.write_json(folder / "embed.json", info)
         _barrier(world)  # every shard is written before rank 0 swaps the folder in
     if world > 1:
         _barrier(world)
         torch.distributed.destroy_process_group()
     if rank == 0:
-        typer.echo(f"embedded {info['n_images']} images, {info['n_texts']} texts ({info['images_per_s']} images/s on {info['device']}) -> {out}")
+        write_timing(timing, {"embed_s": round(time.perf_counter() - start, 3), **speed, "world_size": world})
+        typer.echo(f"embedded {info['n_images']} images, {info['n_texts']} texts ({speed['images_per_s']} images/s on {speed['device']}) -> {out}")
 
 
 app = stage_app(main)

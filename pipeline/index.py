@@ -7,18 +7,20 @@ from pathlib import Path
 
 import typer
 
-from pipeline import io, params as params_lib
+from pipeline import io
+from pipeline import params as params_lib
 from pipeline.retrieval import faiss_index
-from pipeline.stage import EMBEDDINGS_OPTION, PARAMS_OPTION, stage_app
+from pipeline.stage import EMBEDDINGS_OPTION, PARAMS_OPTION, load_params, stage_app, timing_option, write_timing
 
 
 def main(
     params_file: Path = PARAMS_OPTION,
     embeddings: Path = EMBEDDINGS_OPTION,
     out: Path = typer.Option(Path("artifacts/index"), help="index folder (replaced atomically)"),
+    timing: Path = timing_option("index"),
 ) -> None:
-    params = params_lib.load(params_file).index
     start = time.perf_counter()
+    params = load_params(params_file).index
     meta, vectors = io.read_embeddings(embeddings / "images")
     in_gallery = meta["split"].isin(params.gallery_splits).to_numpy()
     if not in_gallery.any():
@@ -31,6 +33,7 @@ def main(
     if len(queries) == 0:
         queries = gallery  # no held-out split: measure on the gallery itself
     quality = faiss_index.ann_quality(index, gallery, queries, params.metric, k=10)
+    qps = quality.pop("qps")
     info = {
         "factory": params.factory,
         "metric": params.metric,
@@ -38,15 +41,14 @@ def main(
         "n": int(index.ntotal),
         "dim": int(gallery.shape[1]),
         "gallery_splits": params.gallery_splits,
-        "build_s": round(build_s, 4),
         **quality,
-        "index_s": round(time.perf_counter() - start, 3),
     }
     with io.atomic_dir(out) as tmp:
         faiss_index.save(tmp, index, gallery_meta, info)
+    write_timing(timing, {"build_s": round(build_s, 4), "qps": qps, "index_s": round(time.perf_counter() - start, 3)})
     typer.echo(
         f"index {params.factory}: {info['n']} vectors, built in {build_s:.3f}s, "
-        f"recall@10 vs exact {quality['recall@10']:.3f}, {quality['qps']} queries/s -> {out}"
+        f"recall@10 vs exact {quality['recall@10']:.3f}, {qps} queries/s -> {out}"
     )
 
 

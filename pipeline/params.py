@@ -1,8 +1,9 @@
 """Typed, validated pipeline parameters: the one place that defines defaults and checks values.
 
-`params.yaml` holds one section per stage concern (data, model, train, embed, index, evaluate).
-Each stage loads only the sections it declares in `dvc.yaml`, so a change elsewhere does not
-rerun it. Unknown keys and bad values are errors that name the key, e.g. `train.lr: ...`.
+`params.yaml` holds one section per stage concern (data, model, train, index, probe, evaluate),
+which DVC tracks per stage (`dvc.yaml` declares the sections each stage reads), and `runtime`,
+how the stages run (device, workers, batch size, resume), which no stage declares, so changing it
+reruns nothing. Unknown keys and bad values are errors that name the key, e.g. `train.lr: ...`.
 """
 
 from __future__ import annotations
@@ -121,8 +122,6 @@ class TrainParams(_Section):
     weight_decay: float = Field(0.1, ge=0)
     warmup_fraction: float = Field(0.1, ge=0, lt=1)
     seed: int = 0
-    device: str = "auto"
-    num_workers: int = Field(0, ge=0)
     # Epochs between validation passes (validation picks the best checkpoint).
     val_every: int = Field(1, ge=1)
     # Early stopping (siamese, triplet): stop after `patience` validations without the validation
@@ -131,19 +130,10 @@ class TrainParams(_Section):
     min_delta: float = Field(0.0, ge=0)
     # Keep a checkpoint every N epochs besides best and last (0: none).
     checkpoint_every: int = Field(0, ge=0)
-    # true: the whole run state is saved after every epoch (artifacts/model.resume.pt), and a run
-    # interrupted with the same params and data continues from it instead of starting over.
-    resume: bool = False
     # Horizontal flip and brightness/contrast jitter on training images (siamese, triplet).
     augment: bool = True
     siamese: SiameseParams = SiameseParams()
     triplet: TripletParams = TripletParams()
-
-
-class EmbedParams(_Section):
-    batch_size: int = Field(256, ge=1)
-    num_workers: int = Field(0, ge=0)
-    device: str = "auto"
 
 
 class IndexParams(_Section):
@@ -172,11 +162,8 @@ class ProbeParams(_Section):
     pooling: Literal["cls", "mean"] = "cls"  # ViT towers: CLS token or mean of patch tokens
     k: int = Field(10, ge=1)
     metric: Literal["cosine", "l2"] = "cosine"
-    batch_size: int = Field(128, ge=1)
     gallery_split: Literal["train", "val", "test"] = "train"
     query_split: Literal["train", "val", "test"] = "test"
-    device: str = "auto"
-    num_workers: int = Field(0, ge=0)
 
 
 class PairParams(_Section):
@@ -211,14 +198,42 @@ class EvaluateParams(_Section):
         return self
 
 
+class RuntimeParams(_Section):
+    """How the stages run, not what they compute: no stage declares this section in dvc.yaml, so
+    changing it reruns nothing. Outputs do not depend on these values (on one device type, bit for
+    bit; CPU and CUDA differ in float rounding only)."""
+
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (train, embed, probe)
+    # DataLoader worker processes (train, embed, probe). Training draws its augmentations per
+    # sample from train.seed, so the workers do not change what it learns.
+    num_workers: int = Field(0, ge=0)
+    # Images or texts per encoder call when embedding and probing (the probe times at this size).
+    batch_size: int = Field(256, ge=1)
+    # true: `train` saves its whole state after every epoch (artifacts/model.resume.pt), and a run
+    # interrupted with the same params and data continues from it instead of starting over.
+    resume: bool = False
+
+
 class Params(_Section):
     data: DataParams = DataParams()
     model: ModelParams = ModelParams()
     train: TrainParams = TrainParams()
-    embed: EmbedParams = EmbedParams()
     index: IndexParams = IndexParams()
     probe: ProbeParams = ProbeParams()
     evaluate: EvaluateParams = EvaluateParams()
+    runtime: RuntimeParams = RuntimeParams()
+
+
+# Keys that moved to `runtime` (they change speed, not results): the error says where they went.
+MOVED_TO_RUNTIME = {
+    "train.device": "runtime.device",
+    "train.num_workers": "runtime.num_workers",
+    "train.resume": "runtime.resume",
+    "embed": "runtime (device, num_workers, batch_size)",
+    "probe.device": "runtime.device",
+    "probe.num_workers": "runtime.num_workers",
+    "probe.batch_size": "runtime.batch_size",
+}
 
 
 def apply_override(raw: dict, override: str) -> None:
@@ -242,7 +257,8 @@ def _format_error(err: ValidationError, source: str) -> str:
         key = ".".join(str(part) for part in problem["loc"]) or "(top level)"
         message = problem["msg"]
         if problem["type"] == "extra_forbidden":
-            message = "unknown key (check the spelling against params.yaml)"
+            moved = MOVED_TO_RUNTIME.get(key)
+            message = f"moved to {moved}" if moved else "unknown key (check the spelling against params.yaml)"
         lines.append(f"  {key}: {message} (got {problem.get('input')!r})")
     return "\n".join(lines)
 

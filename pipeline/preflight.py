@@ -1,9 +1,13 @@
 """Checks of params.yaml that need more than each value's own type, run before any heavy work.
 
-`prepare` is the first stage, so it runs them all: a misspelt model name or a FAISS factory
-string that cannot work stops `dvc repro` in seconds, not after the dataset was decoded and a
-model trained. They read model configs as JSON and build an empty FAISS index, so they need
-neither torch nor open_clip loaded, nor any weights.
+Every stage runs them first (`pipeline.stage.load_params`), whatever it was rerun for: a stage
+that DVC reruns because its own params changed may meet a combination that a later stage cannot
+use (`train.triplet.head_dim: 100` with `index.factory: PQ8`), and should fail in seconds rather
+than after a full training run. They read the other sections without declaring them in dvc.yaml:
+a check can only stop a stage, never change what it writes, so it is no reason to rerun one.
+
+They read model configs as JSON and build an empty FAISS index, so they need neither torch nor
+open_clip loaded, nor any weights.
 """
 
 from __future__ import annotations
@@ -12,6 +16,8 @@ import importlib.util
 import json
 from pathlib import Path
 from typing import Optional
+
+import pandas as pd
 
 from pipeline.errors import ParamsError
 from pipeline.params import Params
@@ -50,6 +56,33 @@ def check(params: Params) -> None:
     config = check_model_name(params.model.name)
     dim = index_dimension(params, config)
     if dim is not None:
-        from pipeline.retrieval import faiss_index  # faiss only here, not for every params load
+        from pipeline.retrieval.factory import check_factory_string  # faiss only here, not for every params load
 
-        faiss_index.check_factory_string(params.index.factory, dim, params.index.metric, params.index.search_params)
+        check_factory_string(params.index.factory, dim, params.index.metric, params.index.search_params)
+
+
+def check_probe_k(params: Params, images: pd.DataFrame) -> None:
+    """probe.k neighbours must exist in the probe's gallery (labelled images of its gallery split)."""
+    gallery = int(((images["split"] == params.probe.gallery_split) & images["label"].notna()).sum())
+    if gallery and params.probe.k > gallery:
+        raise ParamsError(
+            f"probe.k: {params.probe.k} neighbours asked for, but the '{params.probe.gallery_split}' gallery has {gallery} labelled images"
+        )
+
+
+def check_recall_k(params: Params, images: pd.DataFrame, has_captions: bool) -> None:
+    """Recall at K >= the split's size is 1 whatever the model: refuse it rather than report it."""
+    split = params.evaluate.split
+    n_split = int((images["split"] == split).sum())
+    largest = max(params.evaluate.recall_k)
+    if has_captions and n_split and largest >= n_split:
+        raise ParamsError(
+            f"evaluate.recall_k: R@{largest} asked for, but the '{split}' split has {n_split} images, "
+            f"so recall at {n_split} or more is 1 whatever the model; use values below {n_split}"
+        )
+
+
+def check_against_data(params: Params, images: pd.DataFrame, has_captions: bool) -> None:
+    """The checks that need the prepared images table (every stage after `prepare` has it)."""
+    check_probe_k(params, images)
+    check_recall_k(params, images, has_captions)

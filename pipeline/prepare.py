@@ -2,24 +2,24 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import typer
 
-from pipeline import datasets, params as params_lib, preflight
-from pipeline.stage import PARAMS_OPTION, stage_app
+from pipeline import datasets
+from pipeline.stage import PARAMS_OPTION, load_params, stage_app, timing_option, write_timing
 
 
 def main(
     params_file: Path = PARAMS_OPTION,
     out: Path = typer.Option(Path("data/prepared"), help="output folder (replaced atomically)"),
+    timing: Path = timing_option("prepare"),
 ) -> None:
-    everything = params_lib.load(params_file)
-    # The first stage checks the params of all of them, so a mistake fails in seconds. (Only
-    # `data` is this stage's DVC params: the others are checked here, not used.)
-    preflight.check(everything)
-    params = everything.data
+    start = time.perf_counter()
+    params = load_params(params_file).data
     dataset = datasets.prepare(params, out)
+    write_timing(timing, {"prepare_s": round(time.perf_counter() - start, 3)})
     counts = dataset.images["split"].value_counts().to_dict()
     n_captions = 0 if dataset.captions is None else len(dataset.captions)
     typer.echo(

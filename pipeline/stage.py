@@ -1,4 +1,5 @@
-"""What every stage script shares: a typer app and clean exits on user-facing errors."""
+"""What every stage script shares: a typer app, clean exits on user-facing errors, checked params,
+and where wall-clock times go."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from typing import Callable
 
 import typer
 
+from pipeline import io, preflight
+from pipeline import params as params_lib
 from pipeline.errors import UserError
 from pipeline.params import DEFAULT_PARAMS_FILE
 
@@ -41,3 +44,25 @@ PARAMS_OPTION = typer.Option(DEFAULT_PARAMS_FILE, "--params", help="params.yaml 
 DATA_OPTION = typer.Option(Path("data/prepared"), "--data", help="prepared dataset folder")
 MODEL_OPTION = typer.Option(Path("artifacts/model"), "--model", help="trained model folder")
 EMBEDDINGS_OPTION = typer.Option(Path("artifacts/embeddings"), "--embeddings", help="embeddings folder")
+
+
+def load_params(params_file: Path) -> params_lib.Params:
+    """Every section of the params file, validated, and checked across sections before any heavy
+    work (`pipeline.preflight`); the stage then uses only the sections it declares in dvc.yaml."""
+    params = params_lib.load(params_file)
+    preflight.check(params)
+    return params
+
+
+def timing_option(stage: str):
+    return typer.Option(
+        Path(f"reports/timing/{stage}.json"), "--timing",
+        help="where this run's wall-clock times go (a DVC metric beside the outputs, never inside them)",
+    )  # fmt: skip
+
+
+def write_timing(path: Path, timing: dict) -> None:
+    """Seconds (and how the stage ran: device, processes) for `dvc metrics show`. They change on
+    every run, so they stay out of cached outputs: a rerun that reproduces the same outputs then
+    reruns nothing downstream."""
+    io.write_json(path, timing)

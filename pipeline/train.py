@@ -10,13 +10,14 @@ from pathlib import Path
 import pandas as pd
 import typer
 
-from pipeline import io, models, params as params_lib
-from pipeline.datasets import load_prepared
+from pipeline import io, models, preflight
+from pipeline import params as params_lib
+from pipeline.prepared import load_prepared
+from pipeline.stage import DATA_OPTION, PARAMS_OPTION, load_params, stage_app, timing_option, write_timing
 from pipeline.training.checkpoints import Resume
 from pipeline.training.clip import train_clip, validation_recall
 from pipeline.training.metric import train_siamese, train_triplet
 from pipeline.training.optim import seed_everything
-from pipeline.stage import DATA_OPTION, PARAMS_OPTION, stage_app
 
 TRAINERS = {"clip": train_clip, "siamese": train_siamese, "triplet": train_triplet}
 
@@ -29,7 +30,7 @@ def resume_path(out: Path) -> Path:
 def run_fingerprint(params: params_lib.Params, data: Path) -> str:
     """What a saved run state must have been made with to be resumed: model and train params, and the data."""
     digest = hashlib.sha256()
-    settings = {"model": params.model.model_dump(), "train": params.train.model_dump(exclude={"resume"})}
+    settings = {"model": params.model.model_dump(), "train": params.train.model_dump()}
     digest.update(json.dumps(settings, sort_keys=True).encode())
     for table in ("images.parquet", "captions.parquet"):
         if (data / table).exists():
@@ -42,12 +43,14 @@ def main(
     data: Path = DATA_OPTION,
     out: Path = typer.Option(Path("artifacts/model"), help="model folder (replaced atomically)"),
     reports: Path = typer.Option(Path("reports/train"), help="training curves folder"),
+    timing: Path = timing_option("train"),
 ) -> None:
-    params = params_lib.load(params_file)
     start = time.perf_counter()
-    seed_everything(params.train.seed)  # the initial weights of an untrained model depend on it
-    loaded = models.create_model(params.model.name, params.model.pretrained, params.train.device)
+    params = load_params(params_file)
     prepared = load_prepared(data)
+    preflight.check_against_data(params, prepared.images, prepared.captions is not None)
+    seed_everything(params.train.seed)  # the initial weights of an untrained model depend on it
+    loaded = models.create_model(params.model.name, params.model.pretrained, params.runtime.device)
     info = {"method": params.train.method, "trained_on": prepared.info["source"]}
 
     if params.train.method == "none":
@@ -58,8 +61,8 @@ def main(
         loss_rows = []
         val_rows = [] if val is None else [{"epoch": 0, **val}]
     else:
-        resume = Resume(resume_path(out), run_fingerprint(params, data), params.train.resume)
-        result = TRAINERS[params.train.method](loaded, prepared, params.train, resume)
+        resume = Resume(resume_path(out), run_fingerprint(params, data), params.runtime.resume)
+        result = TRAINERS[params.train.method](loaded, prepared, params.train, resume, params.runtime.num_workers)
         checkpoints = {"best.pt": result.best, "last.pt": result.last, **result.periodic}
         info.update(
             checkpoint="best.pt",
@@ -74,20 +77,22 @@ def main(
         info["head_dim"] = loaded.embed_dim
     # A projection head puts images in a space of their own: text prompts no longer compare.
     info["image_text_aligned"] = loaded.image_head is None
-    info["train_s"] = round(time.perf_counter() - start, 3)
 
     with io.atomic_dir(out) as tmp:
         models.save_trained(tmp, loaded, info, checkpoints)
     Resume(resume_path(out)).clear()  # the run is complete: nothing to resume
     with io.atomic_dir(reports) as tmp:
         if loss_rows:
-            pd.DataFrame(loss_rows).to_csv(tmp / "loss.csv", index=False)
+            pd.DataFrame(loss_rows).drop(columns="epoch_s").to_csv(tmp / "loss.csv", index=False)
         if val_rows:
             pd.DataFrame(val_rows).to_csv(tmp / "val.csv", index=False)
+    train_s = round(time.perf_counter() - start, 3)
+    epoch_s = [row["epoch_s"] for row in loss_rows]
+    write_timing(timing, {"train_s": train_s, "epoch_s": epoch_s, "device": str(loaded.device), "num_workers": params.runtime.num_workers})
     best = f", best epoch {info['best_epoch']}" if "best_epoch" in info else ""
     score = next((k for k in ("mean_recall", "map_at_r") if val_rows and k in val_rows[-1]), None)
     final = f", val {score} {val_rows[-1][score]:.3f}" if score else ""
-    typer.echo(f"train {params.train.method}: {params.model.name}/{params.model.pretrained}{best}{final} in {info['train_s']:.0f}s -> {out}")
+    typer.echo(f"train {params.train.method}: {params.model.name}/{params.model.pretrained}{best}{final} in {train_s:.0f}s -> {out}")
 
 
 app = stage_app(main)

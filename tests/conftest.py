@@ -33,15 +33,21 @@ def run_pipeline(root, params: dict) -> dict:
     folders = {"data": "data/prepared", "model": "artifacts/model", "emb": "artifacts/embeddings", "index": "artifacts/index",
                "probe": "artifacts/probe", "reports": "reports", "gallery": "artifacts/gallery"}  # fmt: skip
     paths = {key: root / folder for key, folder in folders.items()}
-    invoke(prepare.app, ["--params", params_file, "--out", paths["data"]])
-    invoke(train.app, ["--params", params_file, "--data", paths["data"], "--out", paths["model"], "--reports", paths["reports"] / "train"])
-    invoke(embed.app, ["--params", params_file, "--data", paths["data"], "--model", paths["model"], "--out", paths["emb"]])
-    invoke(index.app, ["--params", params_file, "--embeddings", paths["emb"], "--out", paths["index"]])
-    invoke(probe.app, ["--params", params_file, "--data", paths["data"], "--model", paths["model"], "--out", paths["probe"]])
+    paths["timing"] = paths["reports"] / "timing"
+
+    def timing(stage):
+        return ["--timing", paths["timing"] / f"{stage}.json"]
+
+    invoke(prepare.app, ["--params", params_file, "--out", paths["data"], *timing("prepare")])
+    invoke(train.app, ["--params", params_file, "--data", paths["data"], "--out", paths["model"], "--reports", paths["reports"] / "train", *timing("train")])
+    invoke(embed.app, ["--params", params_file, "--data", paths["data"], "--model", paths["model"], "--out", paths["emb"], *timing("embed")])
+    invoke(index.app, ["--params", params_file, "--embeddings", paths["emb"], "--out", paths["index"], *timing("index")])
+    invoke(probe.app, ["--params", params_file, "--data", paths["data"], "--model", paths["model"], "--out", paths["probe"], *timing("probe"),
+                       "--tradeoff-figure", paths["reports"] / "probe_tradeoff.png"])  # fmt: skip
     invoke(
         evaluate.app,
         ["--params", params_file, "--data", paths["data"], "--embeddings", paths["emb"], "--index", paths["index"], "--probe", paths["probe"],
-         "--train-reports", paths["reports"] / "train", "--reports", paths["reports"], "--methods", root / "none.json"],
+         "--train-reports", paths["reports"] / "train", "--reports", paths["reports"], "--methods", root / "none.json", *timing("evaluate")],
     )  # fmt: skip
     images = pd.read_parquet(paths["data"] / "images.parquet")
     paths["images"] = [paths["data"] / p for p in images["path"]]

@@ -65,12 +65,17 @@ def test_predictor_api(artifacts):
     assert list(hits.columns[:2]) == ["image_id", "path"] and len(hits) == 2
 
 
-def test_probe_rows_reach_metrics_with_positive_timings(artifacts):
+def test_probe_rows_reach_metrics_and_their_timings_reach_reports_timing(artifacts):
     import json
 
     probe_rows = json.loads((artifacts["reports"] / "metrics.json").read_text())["probe"]
     assert list(probe_rows) == ["pixels", "block2", "block3", "final", "zero_shot"]
     for name, row in probe_rows.items():
-        assert row["encode_ms"] > 0 and row["query_ms"] > 0 and row["dim"] > 0 and 0 <= row["top1"] <= 1, name
+        assert set(row) <= {"top1", "top5", "dim"} and row["dim"] > 0 and 0 <= row["top1"] <= 1, name
     assert probe_rows["pixels"]["dim"] == 3 * 64 * 64
+    # Times are the probe stage's metric, outside its cached output and outside metrics.json.
+    times = json.loads((artifacts["timing"] / "probe.json").read_text())["points"]
+    assert list(times) == list(probe_rows)
+    assert all(row["encode_ms"] > 0 and row["query_ms"] > 0 for row in times.values())
+    assert (artifacts["reports"] / "probe_tradeoff.png").stat().st_size > 1000
     assert "## Layer probe" in (artifacts["reports"] / "report.md").read_text()

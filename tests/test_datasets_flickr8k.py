@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.datasets import flickr8k, load_prepared
+from pipeline.datasets import flickr8k
+from pipeline.prepared import load_prepared
 from pipeline.datasets import prepare as prepare_dataset
 from pipeline.datasets.base import DatasetError
 from pipeline.params import DataParams

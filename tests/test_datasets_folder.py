@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.datasets import folder, load_prepared
+from pipeline.datasets import folder
+from pipeline.prepared import load_prepared
 from pipeline.datasets import prepare as prepare_dataset
 from pipeline.datasets.base import DEFAULT_TEMPLATES, DatasetError
 from pipeline.params import DataParams

@@ -9,7 +9,8 @@ import pytest
 import scipy.io
 from PIL import Image
 
-from pipeline.datasets import imagenet, load_prepared
+from pipeline.datasets import imagenet
+from pipeline.prepared import load_prepared
 from pipeline.datasets import prepare as prepare_dataset
 from pipeline.datasets.base import DEFAULT_TEMPLATES, DatasetError
 from pipeline.params import DataParams

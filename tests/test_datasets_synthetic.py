@@ -3,7 +3,8 @@
 import numpy as np
 import pandas as pd
 
-from pipeline.datasets import load_prepared, prepare
+from pipeline.datasets import prepare
+from pipeline.prepared import load_prepared
 from pipeline.datasets.synthetic import SHAPES
 from pipeline.params import DataParams, SplitRatios
 

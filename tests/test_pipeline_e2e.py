@@ -1,4 +1,5 @@
-"""One real `dvc repro` of the whole pipeline on a small config, and DVC's change tracking."""
+"""One real `dvc repro` of the whole pipeline on a small config, and DVC's change tracking: what a
+change reruns, and what it must not."""
 
 import json
 import shutil
@@ -9,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+
+from pipeline.params import Params
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = {
@@ -50,7 +53,9 @@ def project(tmp_path_factory):
     for name in ("dvc.yaml", ".dvcignore", "reports/methods.json"):
         (work / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(ROOT / name, work / name)
-    params = _merge(yaml.safe_load((ROOT / "params.yaml").read_text()), SMALL)
+    # From the defaults in code, never the checkout's params.yaml: an experiment left in the
+    # workspace (`dvc exp run -S model.name=ViT-B-32 ...`) must not change what this test runs.
+    params = _merge(Params().model_dump(), SMALL)
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     _run(["git", "init", "-q"], work)
     _dvc(work, "repro")
@@ -67,9 +72,12 @@ def test_repro_writes_metrics_plots_and_report(project):
         assert all(0.0 <= v <= 1.0 for v in retrieval[direction].values())
     assert retrieval["n_images"] == 12 and retrieval["n_texts"] == 60
     assert index["factory"] == "Flat" and index["recall@10"] == 1.0 and index["n"] == 60
-    assert set(metrics["timing"]) == {"prepare_s", "train_s", "embed_s", "index_s", "probe_s", "evaluate_s"}
+    assert "timing" not in metrics and "qps" not in index  # times are not results: reports/timing/
+    timing = {path.stem: json.loads(path.read_text()) for path in (project / "reports/timing").glob("*.json")}
+    assert set(timing) == {"prepare", "train", "embed", "index", "probe", "evaluate"}
+    assert timing["train"]["train_s"] > 0 and timing["index"]["qps"] > 0
     assert list(metrics["probe"]) == ["pixels", "block2", "block3", "final", "zero_shot"]
-    encode_ms = [metrics["probe"][p]["encode_ms"] for p in ("pixels", "block2", "final")]
+    encode_ms = [timing["probe"]["points"][p]["encode_ms"] for p in ("pixels", "block2", "final")]
     assert encode_ms[0] < encode_ms[1] and encode_ms[0] < encode_ms[2]  # pixels need no encoder at all
     report = (project / "reports/report.md").read_text()
     assert "## Retrieval" in report and "figures/retrieval_examples.png" in report
@@ -79,9 +87,69 @@ def test_repro_writes_metrics_plots_and_report(project):
     for figure in ("training_curve", "similarity_heatmap", "retrieval_examples", "confusion", "verification_distances", "verification_roc"):
         assert (project / f"reports/figures/{figure}.png").stat().st_size > 1000
     assert (project / "reports/train/loss.csv").read_text().count("\n") == 3  # header + 2 epochs
-    shown = json.loads(_dvc(project, "metrics", "show", "--json"))
-    assert shown, "dvc metrics show found no metrics"
+    shown = json.dumps(json.loads(_dvc(project, "metrics", "show", "--json")))
+    assert "reports/metrics.json" in shown and "reports/timing/train.json" in shown
     assert json.loads(_dvc(project, "status", "--json")) == {}
+
+
+def test_a_forced_train_that_reproduces_its_weights_reruns_nothing_downstream(project):
+    """Cached outputs hold no timings, so the same weights are the same bytes: embed, probe, index
+    and evaluate stay up to date after train reruns."""
+    out = _dvc(project, "repro", "--force", "--single-item", "train")
+    assert "Running stage 'train'" in out
+    assert json.loads(_dvc(project, "status", "--json")) == {}
+
+
+def test_runtime_settings_rerun_nothing(project):
+    params_file = project / "params.yaml"
+    before = params_file.read_text()
+    _set(params_file, "runtime", "device", "cpu")
+    _set(params_file, "runtime", "num_workers", 2)
+    _set(params_file, "runtime", "batch_size", 3)
+    _set(params_file, "runtime", "resume", True)
+    try:
+        assert json.loads(_dvc(project, "status", "--json")) == {}
+    finally:
+        params_file.write_text(before)
+
+
+@pytest.mark.parametrize(
+    "edited, rerun",
+    [
+        ("pipeline/models/probe.py", {"probe"}),  # the probe's encoder cut: not train, embed or index
+        ("pipeline/metrics/probe.py", {"probe"}),
+        ("pipeline/retrieval/gallery.py", set()),  # the CLI's gallery: no stage runs it
+        ("pipeline/datasets/base.py", {"prepare"}),  # split logic: only prepare parses sources
+        ("pipeline/images.py", {"prepare", "train", "embed", "probe", "evaluate"}),  # every stage that decodes pixels
+        ("pipeline/metrics/retrieval.py", {"train", "evaluate"}),  # validation recall picks best.pt
+    ],
+)
+def test_a_code_edit_marks_exactly_the_stages_that_run_it(project, edited, rerun):
+    path = project / edited
+    before = path.read_text()
+    path.write_text(before + "\n# edited\n")
+    try:
+        assert set(json.loads(_dvc(project, "status", "--json"))) == rerun
+    finally:
+        path.write_text(before)
+    assert json.loads(_dvc(project, "status", "--json")) == {}
+
+
+def test_a_param_that_breaks_a_later_stage_fails_the_first_stage_it_reruns(project, tmp_path):
+    """A triplet head of 100 dims cannot hold PQ8 codes (8 must divide the dimension): train, the
+    first stage the change reruns, refuses it before building a model, not index after training."""
+    work = tmp_path / "project"
+    shutil.copytree(project, work, symlinks=True)
+    params = yaml.safe_load((work / "params.yaml").read_text())
+    params["train"].update(method="triplet", triplet={**params["train"]["triplet"], "head_dim": 100})
+    params["index"].update(factory="PQ8", search_params="")
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    result = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=work, capture_output=True, text=True)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "Running stage 'train'" in output and "Running stage 'prepare'" not in output
+    assert "error: index.factory 'PQ8' is not a valid FAISS factory string for dim 100" in output
+    assert "Traceback" not in output and "epoch" not in output  # refused before any training
 
 
 def test_evaluate_param_reruns_only_evaluate(project):
@@ -108,9 +176,10 @@ def test_torchrun_shards_embed_and_match_one_process(project, tmp_path):
     from pipeline import io
 
     out = tmp_path / "embeddings"
-    _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "pipeline.embed", "--out", str(out)], project)
+    timing = tmp_path / "embed.json"
+    _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "pipeline.embed", "--out", str(out), "--timing", str(timing)], project)
     assert sorted(p.name for p in (out / "images").iterdir()) == ["part-00000.parquet", "part-00001.parquet"]
-    assert json.loads((out / "embed.json").read_text())["world_size"] == 2
+    assert json.loads(timing.read_text())["world_size"] == 2
     single_meta, single = io.read_embeddings(project / "artifacts/embeddings/images")
     sharded_meta, sharded = io.read_embeddings(out / "images")
     order = sharded_meta.set_index("image_id").index.get_indexer(single_meta["image_id"])

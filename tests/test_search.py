@@ -169,7 +169,7 @@ def test_a_rebuilt_index_re_embeds_the_added_images(artifacts, tmp_path):
 
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump({"index": {"factory": "HNSW16", "search_params": "efSearch=32"}}))
-    invoke(index.app, ["--params", params, "--embeddings", artifacts["emb"], "--out", base["index"]])
+    invoke(index.app, ["--params", params, "--embeddings", artifacts["emb"], "--out", base["index"], "--timing", tmp_path / "index.json"])
     predictor = load_predictor(base, gallery)
     info = io.read_json(gallery / "current" / "index.json")
     assert info["base_fingerprint"] != old_fingerprint and info["factory"] == "HNSW16" and info["n_added"] == 2

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from pipeline import models
-from pipeline.datasets import load_prepared, prepare
+from pipeline.datasets import prepare
+from pipeline.prepared import load_prepared
 from pipeline.models.heads import unfreeze_last_blocks
 from pipeline.params import DataParams, TrainParams
 from pipeline.training.metric import train_siamese, train_triplet

@@ -13,10 +13,7 @@
 from __future__ import annotations
 
 import importlib
-import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import pandas as pd
 
@@ -35,25 +32,24 @@ SOURCES = {
     "folder": "pipeline.datasets.folder",
 }
 
-__all__ = ["DatasetError", "Prepared", "load_prepared", "prepare", "SOURCES"]
+__all__ = ["DatasetError", "prepare", "SOURCES"]
 
 
 def prepare(params: DataParams, out_dir: str | Path) -> PreparedDataset:
     """Read the configured source and replace `out_dir` with its canonical tables."""
-    start = time.perf_counter()
     module = importlib.import_module(SOURCES[params.source])
     with io.atomic_dir(out_dir) as tmp:
         dataset: PreparedDataset = module.prepare(params, tmp)
         dataset.images = cap_per_split(dataset.images, params.max_images_per_split, params.seed)
         if dataset.captions is not None:
             dataset.captions = dataset.captions[dataset.captions["image_id"].isin(dataset.images["image_id"])]
-        _write(dataset, tmp, params, time.perf_counter() - start)
+        _write(dataset, tmp)
     if dataset.image_root == tmp:  # the temp folder was renamed to out_dir
         dataset.image_root = Path(out_dir)
     return dataset
 
 
-def _write(dataset: PreparedDataset, out_dir: Path, params: DataParams, elapsed_s: float) -> None:
+def _write(dataset: PreparedDataset, out_dir: Path) -> None:
     io.write_parquet(out_dir / "images.parquet", dataset.images)
     if dataset.captions is not None:
         io.write_parquet(out_dir / "captions.parquet", dataset.captions.reset_index(drop=True))
@@ -72,47 +68,8 @@ def _write(dataset: PreparedDataset, out_dir: Path, params: DataParams, elapsed_
             "n_images_per_split": {k: int(v) for k, v in counts.items()},
             "n_captions": 0 if dataset.captions is None else int(len(dataset.captions)),
             "n_classes": len(dataset.classes),
-            "prepare_s": round(elapsed_s, 3),
             "notes": dataset.notes,
             # Details in rejected.parquet; notes are dataset quirks, not losses.
             "n_rejected": {kind: int((rejected["kind"] == kind).sum()) for kind in REJECTED_KINDS},
         },
-    )
-
-
-@dataclass
-class Prepared:
-    """The prepared tables as later stages read them."""
-
-    root: Path
-    images: pd.DataFrame
-    captions: Optional[pd.DataFrame]
-    classes: list[dict]
-    templates: list[str]
-    image_root: Path
-    info: dict
-
-    def image_paths(self, images: Optional[pd.DataFrame] = None) -> list[Path]:
-        images = self.images if images is None else images
-        return [self.image_root / p for p in images["path"]]
-
-    @property
-    def class_names(self) -> list[str]:
-        return [c["name"] for c in self.classes]
-
-
-def load_prepared(root: str | Path = "data/prepared") -> Prepared:
-    root = Path(root)
-    info = io.read_json(root / "dataset.json")
-    classes = io.read_json(root / "classes.json")
-    captions_path = root / "captions.parquet"
-    image_root = root if info["image_root"] is None else Path(info["image_root"])
-    return Prepared(
-        root=root,
-        images=pd.read_parquet(root / "images.parquet"),
-        captions=pd.read_parquet(captions_path) if captions_path.exists() else None,
-        classes=classes["classes"],
-        templates=classes["templates"],
-        image_root=image_root,
-        info=info,
     )

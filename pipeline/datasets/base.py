@@ -19,14 +19,13 @@ from typing import Iterable, Optional
 
 import numpy as np
 import pandas as pd
-from PIL import Image
 
 from pipeline.errors import DatasetError  # noqa: F401 (callers import it from here too)
+from pipeline.images import check_image
 from pipeline.params import SPLITS, DataParams, SplitRatios
 
 IMAGE_COLUMNS = ["image_id", "path", "split", "label", "class_name"]
 CAPTION_COLUMNS = ["caption_id", "image_id", "caption", "split"]
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 # Generic prompts for sources that do not bring their own (CLIP's short ensemble).
 DEFAULT_TEMPLATES = [
@@ -176,29 +175,6 @@ def cap_per_split(images: pd.DataFrame, max_per_split: Optional[int], seed: int)
     return pd.concat(kept).sort_index()
 
 
-def check_image(path: Path, max_pixels: Optional[int] = None) -> Optional[str]:
-    """Return why the file is not a usable image, or None when it decodes completely.
-
-    The size limit is checked from the header, before any pixel is decoded, so a
-    decompression bomb costs nothing.
-    """
-    try:
-        if path.stat().st_size == 0:
-            return "empty file (0 bytes)"
-        with Image.open(path) as img:
-            width, height = img.size
-            if max_pixels is not None and width * height > max_pixels:
-                return f"{width}x{height} = {width * height:,} pixels, over data.max_image_pixels ({max_pixels:,})"
-            img.load()  # decodes everything: a truncated file fails here, verify() would not notice
-        return None
-    except FileNotFoundError:
-        return "file not found"
-    except Image.DecompressionBombError as err:
-        return f"over PIL's decompression-bomb limit ({err})"
-    except Exception as err:  # PIL raises many types for corrupt data
-        return f"not a readable image ({type(err).__name__}: {err})"
-
-
 def drop_unreadable(images: pd.DataFrame, image_root: Path, rejections: Rejections, max_pixels: Optional[int] = None) -> pd.DataFrame:
     """Decode every image once; an unreadable one is an error or a recorded rejection."""
     keep = []
@@ -224,23 +200,3 @@ def resolve_root(params: DataParams) -> Path:
 
 def class_entry(index: int, name: str, aliases: Optional[list[str]] = None, **source_ids) -> dict:
     return {"index": index, "name": name, "aliases": aliases or [name], **source_ids}
-
-
-def to_rgb(img: Image.Image) -> Image.Image:
-    """RGB for the model: grayscale, CMYK and palette converted; transparency composited onto white."""
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        rgba = img.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    return img.convert("RGB")
-
-
-def load_rgb(path: str | Path) -> Image.Image:
-    """Open an image as RGB, with an error that names the file when it cannot be read."""
-    try:
-        with Image.open(path) as img:
-            return to_rgb(img)
-    except FileNotFoundError:
-        raise DatasetError(f"{path}: image file not found") from None
-    except Exception as err:  # PIL raises many types for corrupt data
-        raise DatasetError(f"{path}: not a readable image ({type(err).__name__}: {err})") from None

@@ -16,7 +16,6 @@ import pandas as pd
 
 from pipeline.datasets.base import (
     DEFAULT_TEMPLATES,
-    IMAGE_EXTENSIONS,
     DatasetError,
     PreparedDataset,
     Rejections,
@@ -25,6 +24,7 @@ from pipeline.datasets.base import (
     resolve_root,
     split_images,
 )
+from pipeline.images import IMAGE_EXTENSIONS
 from pipeline.params import DataParams
 
 

@@ -156,8 +156,10 @@ def save_trained(model_dir: Path, loaded: LoadedModel, info: dict[str, Any], che
     """Write checkpoints (state dicts) and model.json into `model_dir` (already a temp folder)."""
     model_dir.mkdir(parents=True, exist_ok=True)
     for filename, state in checkpoints.items():
-        with io.atomic_path(model_dir / filename) as tmp:
-            torch.save(state, tmp)
+        # Saved through a file object: given a path, torch names the archive inside the zip after
+        # the (temporary, random) file name, and the same weights would hash differently each run.
+        with io.atomic_path(model_dir / filename) as tmp, open(tmp, "wb") as file:
+            torch.save(state, file)
     io.write_json(model_dir / MODEL_JSON, {"name": loaded.name, "pretrained": loaded.pretrained, **info})
 
 

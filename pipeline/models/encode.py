@@ -14,9 +14,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
+from tqdm import tqdm  # not tqdm.auto, whose asyncio class calls iter() twice: DataLoader workers would start twice
 
-from pipeline.datasets.base import load_rgb
+from pipeline.images import load_rgb
 from pipeline.models import LoadedModel
 
 

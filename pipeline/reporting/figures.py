@@ -15,7 +15,7 @@ import pandas as pd  # noqa: E402
 from sklearn.metrics import ConfusionMatrixDisplay  # noqa: E402
 
 from pipeline import io  # noqa: E402
-from pipeline.datasets.base import load_rgb  # noqa: E402
+from pipeline.images import load_rgb  # noqa: E402
 
 
 def _save(fig: plt.Figure, path: Path) -> None:
@@ -153,9 +153,11 @@ def contact_sheet(hits: pd.DataFrame, path: Path, query_image: Optional[Path] = 
     _save(fig, Path(path))
 
 
-def probe_tradeoff(points: dict[str, dict], path: Path) -> None:
+def probe_tradeoff(points: dict[str, dict], path: Path, skipped: Optional[str] = None) -> None:
     """Top-1 against time per image (encoder + query), one labelled point per probe."""
     fig, ax = plt.subplots(figsize=(6, 4))
+    if skipped:
+        ax.text(0.5, 0.5, textwrap.fill(f"probe skipped: {skipped}", 50), ha="center", va="center", transform=ax.transAxes)
     for name, row in points.items():
         total = row["encode_ms"] + row["query_ms"]
         marker = "*" if name == "zero_shot" else "o"

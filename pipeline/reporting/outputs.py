@@ -83,9 +83,9 @@ def write(
 
         probe = io.read_json(probe_dir / "probe.json") if probe_dir and (probe_dir / "probe.json").exists() else {}
         if probe.get("points"):
-            figures.probe_tradeoff(probe["points"], figure_dir / "probe_tradeoff.png")
+            # The accuracy-vs-time figure is the probe stage's own (reports/probe_tradeoff.png): times are not inputs here.
             figures.probe_similarity_histograms(pd.read_parquet(probe_dir / "neighbours.parquet"), figure_dir / "probe_similarity.png")
-            written.update(probe_tradeoff="figures/probe_tradeoff.png", probe_similarity="figures/probe_similarity.png")
+            written.update(probe_tradeoff="probe_tradeoff.png", probe_similarity="figures/probe_similarity.png")
             rows = [{"probe": name, **row} for name, row in probe["points"].items()]
             pd.DataFrame(rows).to_csv(plot_dir / "probe.csv", index=False)
     return written

@@ -3,12 +3,11 @@
 Folder layout (artifacts/index/):
     index.faiss    the index
     ids.parquet    row -> image_id, path, split, label, class_name
-    index.json     factory, metric, size, dimension, build time, recall@10 vs exact, QPS
+    index.json     factory, metric, size, dimension, recall@10 vs exact search (times: reports/timing/index.json)
 """
 
 from __future__ import annotations
 
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,40 +18,17 @@ import pandas as pd
 
 from pipeline import io
 from pipeline.errors import IndexBuildError  # noqa: F401 (callers import it from here too)
+from pipeline.retrieval.factory import METRICS, apply_search_params, check_factory_string, check_lists_fit
 
-METRICS = {"ip": faiss.METRIC_INNER_PRODUCT, "l2": faiss.METRIC_L2}
 MAX_TRAIN_POINTS = 200_000  # IVF/PQ quantisers train on a sample; more adds time, not quality
 
-
-
-def _check_factory(factory: str, n: int) -> None:
-    for match in re.finditer(r"IVF(\d+)", factory):
-        nlist = int(match.group(1))
-        if nlist > n:
-            raise IndexBuildError(
-                f"index.factory {factory!r}: IVF{nlist} needs at least {nlist} vectors to train, "
-                f"the gallery has {n}; use IVF{max(1, int(np.sqrt(n)))} or fewer lists"
-            )
-
-
-def check_factory_string(factory: str, dim: int, metric: str = "ip", search_params: str = "") -> None:
-    """Fail now, naming the param, if `factory` or `search_params` cannot work for vectors of `dim`.
-
-    Builds the empty (untrained) index, which costs nothing; whether an IVF has enough vectors to
-    train is known only when the gallery is, and `build` checks it.
-    """
-    try:
-        index = faiss.index_factory(dim, factory, METRICS[metric])
-    except RuntimeError as err:
-        raise IndexBuildError(f"index.factory {factory!r} is not a valid FAISS factory string for dim {dim}: {err}") from None
-    apply_search_params(index, search_params)
 
 
 def build(vectors: np.ndarray, factory: str, metric: str = "ip", seed: int = 0) -> tuple[faiss.Index, float]:
     """Build (and train, where the factory needs it) an index over `vectors`; returns (index, seconds)."""
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     n, dim = vectors.shape
-    _check_factory(factory, n)
+    check_lists_fit(factory, n)
     start = time.perf_counter()
     check_factory_string(factory, dim, metric)
     index = faiss.index_factory(dim, factory, METRICS[metric])
@@ -62,15 +38,6 @@ def build(vectors: np.ndarray, factory: str, metric: str = "ip", seed: int = 0) 
         index.train(sample)
     index.add(vectors)
     return index, time.perf_counter() - start
-
-
-def apply_search_params(index: faiss.Index, search_params: str) -> None:
-    """Set e.g. "efSearch=64" or "nprobe=8" (FAISS ParameterSpace syntax)."""
-    if search_params:
-        try:
-            faiss.ParameterSpace().set_index_parameters(index, search_params)
-        except RuntimeError as err:
-            raise IndexBuildError(f"index.search_params {search_params!r} do not apply to this index: {err}") from None
 
 
 def search(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -33,7 +33,8 @@ import numpy as np
 import pandas as pd
 
 from pipeline import io
-from pipeline.datasets.base import IMAGE_EXTENSIONS, DatasetError, check_image
+from pipeline.errors import DatasetError
+from pipeline.images import IMAGE_EXTENSIONS, check_image
 from pipeline.errors import GalleryError  # noqa: F401 (callers import it from here too)
 from pipeline.retrieval import faiss_index
 

@@ -15,15 +15,16 @@ import pandas as pd
 import torch
 from open_clip.loss import ClipLoss
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
+from tqdm import tqdm  # not tqdm.auto, whose asyncio class calls iter() twice: DataLoader workers would start twice
 
-from pipeline.datasets import Prepared
-from pipeline.datasets.base import load_rgb
+from pipeline.prepared import Prepared
+from pipeline.images import load_rgb
 from pipeline.metrics import tasks
 from pipeline.metrics.retrieval import recall_at_k
 from pipeline.models import LoadedModel
 from pipeline.models.encode import autocast, encode_image_batches, encode_texts, image_loader
 from pipeline.params import TrainParams
+from pipeline.training.augment import PerSampleRandom
 from pipeline.training.checkpoints import Resume, TrainResult, capture_rng, restore_rng, result_from_state, result_state, snapshot
 from pipeline.training.optim import build_optimizer, cosine_with_warmup, param_groups, seed_everything
 
@@ -43,7 +44,8 @@ def captions_by_image(prepared: Prepared, split: str) -> tuple[pd.DataFrame, lis
 
 
 class ImageCaptionPairs(Dataset):
-    """(image, one of its captions) with the caption drawn afresh each epoch, reproducibly."""
+    """(image, one of its captions), the caption and the image's random crop drawn afresh each epoch
+    from (seed, epoch, index): the same whatever the number of DataLoader workers."""
 
     def __init__(self, paths, captions: list[list[str]], tokenizer, transform, seed: int):
         self.paths = list(paths)
@@ -53,14 +55,23 @@ class ImageCaptionPairs(Dataset):
         self.first, self.count = offsets[:-1], np.diff(offsets)
         self.transform = transform
         self.seed = seed
-        self.epoch = 0
+        self.random = PerSampleRandom(seed)
+
+    @property
+    def epoch(self) -> int:
+        return self.random.epoch
+
+    @epoch.setter
+    def epoch(self, epoch: int) -> None:
+        self.random.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int):
         pick = np.random.default_rng((self.seed, self.epoch, index)).integers(self.count[index])
-        return self.transform(load_rgb(self.paths[index])), self.tokens[self.first[index] + pick]
+        image = self.random(index, self.transform, load_rgb(self.paths[index]))
+        return image, self.tokens[self.first[index] + pick]
 
 
 def validation_recall(loaded: LoadedModel, prepared: Prepared, split: str = "val", batch_size: int = 256) -> dict | None:
@@ -83,7 +94,7 @@ def validation_recall(loaded: LoadedModel, prepared: Prepared, split: str = "val
     return row
 
 
-def train_clip(loaded: LoadedModel, prepared: Prepared, params: TrainParams, resume: Resume = Resume()) -> TrainResult:
+def train_clip(loaded: LoadedModel, prepared: Prepared, params: TrainParams, resume: Resume = Resume(), num_workers: int = 0) -> TrainResult:
     seed_everything(params.seed)
     model, device = loaded.model, loaded.device
     images, captions = captions_by_image(prepared, "train")
@@ -97,9 +108,9 @@ def train_clip(loaded: LoadedModel, prepared: Prepared, params: TrainParams, res
         batch_size=batch_size,
         shuffle=True,
         drop_last=True,  # a tiny last batch gives a noisy contrastive loss
-        num_workers=params.num_workers,
-        generator=shuffle,
-        persistent_workers=params.num_workers > 0,
+        num_workers=num_workers,
+        generator=shuffle,  # the order is drawn in the main process, whatever the workers
+        persistent_workers=False,  # workers must see `pairs.epoch`, set before each epoch
     )
     optimizer = build_optimizer(param_groups(model, params.weight_decay), params.optimizer, params.lr)
     scheduler = cosine_with_warmup(optimizer, params.epochs * len(loader), params.warmup_fraction)

@@ -17,11 +17,10 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
-from torchvision import transforms
-from tqdm.auto import tqdm
+from tqdm import tqdm  # not tqdm.auto, whose asyncio class calls iter() twice: DataLoader workers would start twice
 
-from pipeline.datasets import Prepared
-from pipeline.datasets.base import load_rgb
+from pipeline.prepared import Prepared
+from pipeline.images import load_rgb
 from pipeline.metrics.metric_learning import accuracy_at_r, self_excluded_neighbours
 from pipeline.metrics.tasks import has_pairs
 from pipeline.metrics.verification import make_pairs
@@ -29,6 +28,7 @@ from pipeline.models import LoadedModel
 from pipeline.models.encode import autocast, encode_image_batches, image_features, image_loader
 from pipeline.models.heads import ProjectionHead, unfreeze_last_blocks
 from pipeline.params import TrainParams
+from pipeline.training.augment import PerSampleRandom, augmented
 from pipeline.training.checkpoints import Resume, TrainResult, capture_rng, restore_rng, result_from_state, result_state, snapshot
 from pipeline.training.losses import all_triplets_loss, contrastive_loss, pair_distance, triplet_margin_loss
 from pipeline.training.miners import mine_triplets
@@ -38,34 +38,36 @@ from pipeline.training.samplers import PKBatchSampler, sample_pairs
 MAX_VAL_IMAGES = 2000  # validation mines over all pairs of val images: O(n^2) memory
 
 
-def augmented(preprocess: Callable, augment: bool) -> Callable:
-    """Horizontal flip and brightness/contrast jitter in front of the model's own preprocessing."""
-    if not augment:
-        return preprocess
-    return transforms.Compose([transforms.RandomHorizontalFlip(), transforms.ColorJitter(brightness=0.3, contrast=0.3), preprocess])
-
-
 class LabelledImages(Dataset):
-    def __init__(self, paths, labels, transform):
+    """(image, label); augmentations drawn per sample from (seed, epoch, index)."""
+
+    def __init__(self, paths, labels, transform, seed: int = 0):
         self.paths, self.labels, self.transform = list(paths), np.asarray(labels), transform
+        self.random = PerSampleRandom(seed)
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int):
-        return self.transform(load_rgb(self.paths[index])), int(self.labels[index])
+        return self.random(index, self.transform, load_rgb(self.paths[index])), int(self.labels[index])
 
 
 class ImagePairs(Dataset):
-    def __init__(self, paths, first, second, same, transform):
+    """(image a, image b, same); both augmentations drawn from the pair's own seed."""
+
+    def __init__(self, paths, first, second, same, transform, random: PerSampleRandom):
         self.paths, self.first, self.second, self.same, self.transform = list(paths), first, second, same, transform
+        self.random = random
 
     def __len__(self) -> int:
         return len(self.first)
 
     def __getitem__(self, index: int):
         a, b = self.first[index], self.second[index]
-        return self.transform(load_rgb(self.paths[a])), self.transform(load_rgb(self.paths[b])), float(self.same[index])
+        return (*self.random(index, self._both, a, b), float(self.same[index]))
+
+    def _both(self, a: int, b: int):
+        return self.transform(load_rgb(self.paths[a])), self.transform(load_rgb(self.paths[b]))
 
 
 def labelled_split(prepared: Prepared, split: str, limit: Optional[int] = None, seed: int = 0) -> pd.DataFrame:
@@ -234,13 +236,14 @@ def _training_images(prepared: Prepared) -> pd.DataFrame:
     return images
 
 
-def train_siamese(loaded: LoadedModel, prepared: Prepared, params: TrainParams, resume: Resume = Resume()) -> TrainResult:
+def train_siamese(loaded: LoadedModel, prepared: Prepared, params: TrainParams, resume: Resume = Resume(), num_workers: int = 0) -> TrainResult:
     seed_everything(params.seed)
     model, device, cfg = loaded.model, loaded.device, params.siamese
     images = _training_images(prepared)
     paths, labels = prepared.image_paths(images), images["label"].to_numpy().astype(np.int64)
     transform = augmented(loaded.preprocess, params.augment)
     rng = np.random.default_rng(params.seed)
+    random = PerSampleRandom(params.seed)
 
     # Only the image tower learns; the text tower is left as it was.
     for param in model.parameters():
@@ -253,11 +256,12 @@ def train_siamese(loaded: LoadedModel, prepared: Prepared, params: TrainParams, 
 
     def make_batches(epoch: int) -> DataLoader:
         first, second, same = sample_pairs(labels, cfg.samples_per_class, cfg.positive_ratio, rng)
+        random.epoch = epoch
         return DataLoader(
-            ImagePairs(paths, first, second, same, transform),
+            ImagePairs(paths, first, second, same, transform, random),
             batch_size=params.batch_size,
             shuffle=True,
-            num_workers=params.num_workers,
+            num_workers=num_workers,
             generator=torch.Generator().manual_seed(params.seed + epoch),
         )
 
@@ -276,12 +280,12 @@ def train_siamese(loaded: LoadedModel, prepared: Prepared, params: TrainParams, 
     return _finish(loaded, params, result, validator, params.epochs if finished else result.stopped_early_at)
 
 
-def train_triplet(loaded: LoadedModel, prepared: Prepared, params: TrainParams, resume: Resume = Resume()) -> TrainResult:
+def train_triplet(loaded: LoadedModel, prepared: Prepared, params: TrainParams, resume: Resume = Resume(), num_workers: int = 0) -> TrainResult:
     seed_everything(params.seed)
     model, device, cfg = loaded.model, loaded.device, params.triplet
     images = _training_images(prepared)
     paths, labels = prepared.image_paths(images), images["label"].to_numpy().astype(np.int64)
-    dataset = LabelledImages(paths, labels, augmented(loaded.preprocess, params.augment))
+    dataset = LabelledImages(paths, labels, augmented(loaded.preprocess, params.augment), params.seed)
     sampler = PKBatchSampler(labels, cfg.classes_per_batch, cfg.images_per_class, params.seed)
     loaded.image_head = ProjectionHead(loaded.tower_dim, cfg.head_dim).to(device)
     for param in model.parameters():
@@ -289,7 +293,8 @@ def train_triplet(loaded: LoadedModel, prepared: Prepared, params: TrainParams, 
 
     def make_batches(epoch: int) -> DataLoader:
         sampler.set_epoch(epoch)
-        return DataLoader(dataset, batch_sampler=sampler, num_workers=params.num_workers)
+        dataset.random.epoch = epoch
+        return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers)
 
     def step_loss(batch) -> torch.Tensor:
         pixels, batch_labels = batch[0].to(device, non_blocking=True), batch[1].to(device)

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from pipeline import io
-from pipeline.datasets import load_prepared
+from pipeline.prepared import load_prepared
 
 
 def _spawn(code: str) -> subprocess.Popen:
@@ -49,7 +49,7 @@ def test_sigkill_mid_write_never_leaves_a_partial_file(tmp_path):
 def test_a_killed_stage_keeps_the_previous_output_and_the_rerun_completes(tmp_path):
     params = tmp_path / "params.yaml"
     out = tmp_path / "data" / "prepared"
-    prepare = [sys.executable, "-m", "pipeline.prepare", "--params", str(params), "--out", str(out)]
+    prepare = [sys.executable, "-m", "pipeline.prepare", "--params", str(params), "--out", str(out), "--timing", str(tmp_path / "timing.json")]
 
     params.write_text(yaml.safe_dump({"data": {"synthetic": {"n_classes": 3, "images_per_class": 10}}}))
     subprocess.run(prepare, check=True, capture_output=True)

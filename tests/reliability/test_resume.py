@@ -18,6 +18,8 @@ METHODS = {
     "triplet": {"triplet": {"head_epochs": 1, "unfreeze_blocks": 1, "classes_per_batch": 4, "images_per_class": 4}},
 }
 
+SMALL_SPLIT = {"recall_k": [1, 5]}  # the test split has 8 images: every stage refuses R@10 on it
+
 
 class Killed(Exception):
     """Stands in for SIGKILL right after an epoch's state was saved."""
@@ -33,14 +35,14 @@ def data(tmp_path_factory):
 def _train(data, folder, method, resume=False):
     folder.mkdir(exist_ok=True)
     params = folder / "params.yaml"
-    train_params = {"method": method, "epochs": 4, "batch_size": 8, "resume": resume, **METHODS[method]}
-    params.write_text(yaml.safe_dump({"train": train_params}))
-    train.main(params_file=params, data=data, out=folder / "model", reports=folder / "reports")
+    train_params = {"method": method, "epochs": 4, "batch_size": 8, **METHODS[method]}
+    params.write_text(yaml.safe_dump({"train": train_params, "evaluate": SMALL_SPLIT, "runtime": {"resume": resume}}))
+    train.main(params_file=params, data=data, out=folder / "model", reports=folder / "reports", timing=folder / "timing.json")
 
 
 def _outcome(folder):
     weights = {name: torch.load(folder / "model" / name, weights_only=True) for name in ("best.pt", "last.pt")}
-    loss = pd.read_csv(folder / "reports" / "loss.csv").drop(columns=["epoch_s"])
+    loss = pd.read_csv(folder / "reports" / "loss.csv")
     return weights, loss, pd.read_csv(folder / "reports" / "val.csv")
 
 
@@ -90,7 +92,7 @@ def test_a_state_from_other_params_is_not_resumed(data, tmp_path, monkeypatch, c
     monkeypatch.undo()
 
     params = tmp_path / "params.yaml"
-    params.write_text(yaml.safe_dump({"train": {"method": "clip", "epochs": 2, "batch_size": 8, "lr": 0.01, "resume": True}}))
-    train.main(params_file=params, data=data, out=tmp_path / "model", reports=tmp_path / "reports")
+    params.write_text(yaml.safe_dump({"train": {"method": "clip", "epochs": 2, "batch_size": 8, "lr": 0.01}, "evaluate": SMALL_SPLIT, "runtime": {"resume": True}}))
+    train.main(params_file=params, data=data, out=tmp_path / "model", reports=tmp_path / "reports", timing=tmp_path / "timing.json")
     assert "saved with other params or data: training starts from the beginning" in caplog.text
     assert list(pd.read_csv(tmp_path / "reports" / "loss.csv")["epoch"]) == [1, 2]

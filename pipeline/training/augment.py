@@ -1,0 +1,38 @@
+"""Training-time image transforms whose randomness is a function of (seed, epoch, sample).
+
+torchvision's random transforms draw from torch's global generator, which each DataLoader worker
+seeds on its own; the same run would then learn something else with another `runtime.num_workers`.
+Drawing each sample's randomness from its own seed makes the workers a matter of speed only.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import torch
+from torchvision import transforms
+
+
+def augmented(preprocess: Callable, augment: bool) -> Callable:
+    """Horizontal flip and brightness/contrast jitter in front of the model's own preprocessing."""
+    if not augment:
+        return preprocess
+    return transforms.Compose([transforms.RandomHorizontalFlip(), transforms.ColorJitter(brightness=0.3, contrast=0.3), preprocess])
+
+
+class PerSampleRandom:
+    """Runs a function with torch's CPU generator seeded from (seed, epoch, index), then restores it.
+
+    Set `epoch` before each epoch's DataLoader is made: workers get a copy of this object when they
+    start, so persistent workers would keep the epoch they started with.
+    """
+
+    def __init__(self, seed: int):
+        self.seed, self.epoch = seed, 0
+
+    def __call__(self, index: int, function: Callable, *args):
+        sample_seed = int(np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(1, dtype=np.uint64)[0])
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(sample_seed)
+            return function(*args)
