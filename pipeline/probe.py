@@ -18,6 +18,7 @@ import pandas as pd
 import typer
 
 from pipeline import io, preflight
+from pipeline.metrics.classification import zero_shot_scores
 from pipeline.metrics.probe import knn_probe, normalise, timed_features, topk_from_scores
 from pipeline.models import load_trained
 from pipeline.models.encode import encode_class_prompts, image_loader
@@ -79,7 +80,7 @@ def main(
             class_emb = encode_class_prompts(loaded, prepared.class_names, prepared.templates)
             query_features, encode_s = final or timed_features(probe_encoder(loaded, "final"), batches(queries), loaded.device)
             query_start = time.perf_counter()
-            scores = normalise(query_features) @ class_emb.T
+            scores = zero_shot_scores(normalise(query_features), class_emb)
             query_s = time.perf_counter() - query_start
             rows["zero_shot"] = {**topk_from_scores(scores, query_labels), "dim": int(class_emb.shape[1])}
             times["zero_shot"] = {"encode_ms": 1000 * encode_s / len(queries), "query_ms": 1000 * query_s / len(queries)}

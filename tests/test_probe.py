@@ -60,9 +60,12 @@ def test_knn_vote_counts_neighbours_and_breaks_ties_by_rank():
     votes = knn_vote(neighbour_labels, n_classes=3)
     # second row: classes 0 and 1 tie at 2 votes; class 0's first vote ranks higher, so it wins
     assert votes.argmax(axis=1).tolist() == [1, 0, 2]
-    assert np.round(votes).tolist() == [[1, 2, 1], [2, 2, 0], [0, 0, 4]]
-    # top-2: [1, 0], [0, 1], [2, 0] (zero-vote classes keep index order) against labels 1, 1, 0
-    assert topk_from_scores(votes, np.array([1, 1, 0]), ks=(1, 2)) == {"top1": 1 / 3, "top2": 1.0}
+    # votes * (k + 1) + (k - rank of the class's nearest neighbour), k = 4; 0 without votes
+    assert votes.tolist() == [[1 * 5 + 1, 2 * 5 + 3, 1 * 5 + 4], [2 * 5 + 4, 2 * 5 + 3, 0], [0, 0, 4 * 5 + 4]]
+    assert (votes // 5).tolist() == [[1, 2, 1], [2, 2, 0], [0, 0, 4]]
+    # labels 1, 1, 0: row 1 is a top-1 hit; row 2 is second, a top-2 hit; row 3's class 0 has no
+    # votes and ties with class 1 at 0, so it ranks third: a miss (a tie never helps the model)
+    assert topk_from_scores(votes, np.array([1, 1, 0]), ks=(1, 2)) == {"top1": 1 / 3, "top2": 2 / 3}
 
 
 def test_knn_probe_on_a_hand_made_gallery():

@@ -2,8 +2,14 @@
 
 text -> image: every caption is a query; a hit when its own image is in the top K.
 image -> text: every image is a query; a hit when ANY of its captions is in the top K.
-Ranks are counted as "how many candidates score strictly higher than the best correct one",
-so ties are resolved in the query's favour, as a stable argsort would on equal scores.
+
+Ties: a tie never helps the model. A query's rank counts every competitor scoring at least as
+high as its match: for text -> image the other images, for image -> text the texts of other images
+(an image's other captions are matches too, not competitors) against its best caption. A hit at K
+needs rank < K. So a collapsed image tower (every image embedding equal) gets text -> image
+R@K = 0 for K < N rather than 1, and image -> text no better than any image-blind ranking of the
+texts; without ties the numbers are CLIP_benchmark's. Ties are exact float equality;
+bitwise-identical embeddings are scored once (`dot_scores`), so they always tie.
 """
 
 from __future__ import annotations
@@ -12,26 +18,32 @@ from typing import Iterable
 
 import numpy as np
 
+from pipeline.metrics.classification import distinct_rows, dot_scores
+
 _CHUNK = 1024  # queries per similarity block, to bound memory on large galleries
 
 
 def _ranks_text_to_image(image_emb: np.ndarray, text_emb: np.ndarray, text_image: np.ndarray) -> np.ndarray:
+    images = distinct_rows(image_emb)
     ranks = np.empty(len(text_emb), dtype=np.int64)
     for start in range(0, len(text_emb), _CHUNK):
-        sims = text_emb[start : start + _CHUNK] @ image_emb.T
+        sims = dot_scores(text_emb[start : start + _CHUNK], *images)
         rows = np.arange(len(sims))
         correct = sims[rows, text_image[start : start + _CHUNK]]
-        ranks[start : start + len(sims)] = (sims > correct[:, None]).sum(axis=1)
+        # "Not strictly lower" counts ties (and NaNs) against the query; - 1 drops the match itself.
+        ranks[start : start + len(sims)] = (~(sims < correct[:, None])).sum(axis=1) - 1
     return ranks
 
 
 def _ranks_image_to_text(image_emb: np.ndarray, text_emb: np.ndarray, text_image: np.ndarray) -> np.ndarray:
+    texts = distinct_rows(text_emb)
     ranks = np.empty(len(image_emb), dtype=np.int64)
     for start in range(0, len(image_emb), _CHUNK):
-        sims = image_emb[start : start + _CHUNK] @ text_emb.T  # (images, texts)
+        sims = dot_scores(image_emb[start : start + _CHUNK], *texts)  # (images, texts)
         own = text_image[None, :] == np.arange(start, start + len(sims))[:, None]
         best_own = np.where(own, sims, -np.inf).max(axis=1)
-        ranks[start : start + len(sims)] = (sims > best_own[:, None]).sum(axis=1)
+        # Only other images' texts compete; a tie (or a NaN) with the best caption counts against it.
+        ranks[start : start + len(sims)] = (~own & ~(sims < best_own[:, None])).sum(axis=1)
     return ranks
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.metrics import verification as verification_metrics
-from pipeline.metrics.classification import chance_top1, top_k_accuracy, zero_shot_scores
+from pipeline.metrics.classification import chance_top1, predicted_classes, top_k_accuracy, zero_shot_scores
 from pipeline.metrics.metric_learning import accuracy_at_r, self_excluded_neighbours
 from pipeline.metrics.retrieval import recall_at_k, recall_curve
 
@@ -27,14 +27,18 @@ class TaskResult:
 
 
 def zero_shot(images: pd.DataFrame, image_emb: np.ndarray, class_emb: np.ndarray, class_names: list[str], split: str) -> TaskResult:
-    """Top-1/top-5 of image -> class-prompt similarity on the labelled images of `split`."""
+    """Top-1/top-5 of image -> class-prompt similarity on the labelled images of `split`.
+
+    `predicted` follows the metrics' tie rule (`classification.predicted_classes`), so the
+    confusion matrix's diagonal counts exactly the top-1 hits.
+    """
     if len(class_names) < 2:
         return TaskResult(skipped("the dataset has no classes (zero-shot needs at least 2)"))
     emb, labels = _labelled(images, image_emb, split)
     if len(labels) == 0:
         return TaskResult(skipped(f"no labelled images in the '{split}' split"))
     scores = zero_shot_scores(emb, class_emb)
-    predicted = scores.argmax(axis=1)
+    predicted = predicted_classes(labels, scores)
     metrics = {
         **top_k_accuracy(labels, scores, (1, 5)),
         "chance_top1": chance_top1(len(class_names)),
@@ -75,17 +79,6 @@ def cross_modal_retrieval(
             "text_image": text_image,
         },
     )
-
-
-def stage_timing(prepare_info: dict, embed_info: dict, index_info: dict) -> dict[str, float]:
-    """Seconds per stage, as each stage recorded them in its own output's JSON."""
-    recorded = {
-        "prepare_s": prepare_info.get("prepare_s"),
-        "train_s": embed_info.get("model", {}).get("train_s"),
-        "embed_s": embed_info.get("embed_s"),
-        "index_s": index_info.get("index_s"),
-    }
-    return {k: v for k, v in recorded.items() if v is not None}
 
 
 def _labelled(images: pd.DataFrame, image_emb: np.ndarray, split: str) -> tuple[np.ndarray, np.ndarray]:

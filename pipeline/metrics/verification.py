@@ -4,6 +4,12 @@ A pair is predicted "same" when the Euclidean distance of its embeddings is <= a
 The threshold is fitted with `choose_threshold` on the validation split's pairs and then applied
 unchanged to the test split's pairs by the caller (`pipeline.metrics.tasks.verification`), so the
 reported test accuracy is never tuned on test.
+
+Ties: a tie never helps the model. Pairs at equal distance always get the same call, so a
+threshold can only separate distinct distances, and it lies strictly between the two it separates
+(or below the minimum / above the maximum), never on one, so float rounding cannot flip a pair it
+was chosen to separate. A collapsed model (every distance equal) calls every pair one way: the
+accuracy of always guessing one class.
 """
 
 from __future__ import annotations
@@ -130,6 +136,10 @@ def choose_threshold(distances: np.ndarray, same: np.ndarray) -> float:
     minimum and one above the maximum (half the mean gap outside the range). Ties in accuracy go
     to the midpoint of the widest gap, i.e. the largest margin to the nearest pairs on either side;
     the two outer candidates only win when no midpoint ties with them.
+
+    Every candidate lies strictly between the distances it separates: a midpoint that rounds onto
+    an endpoint is moved one float inside. When the two distances are adjacent floats nothing lies
+    between them, and t = the lower one is the only value that separates them under "<= t".
     """
     distances, same = _checked(distances, same)
     order = np.argsort(distances, kind="stable")
@@ -143,9 +153,18 @@ def choose_threshold(distances: np.ndarray, same: np.ndarray) -> float:
     # preceded by the below-minimum candidate, which calls every pair different.
     correct = np.concatenate([[n_different], same_at_or_below + (n_different - different_at_or_below)])
 
-    gaps = np.diff(values)
+    lower, upper = values[:-1], values[1:]
+    gaps = upper - lower
+    middle = lower + gaps / 2
+    # Rounding can land a midpoint on an endpoint; pull it back inside where a float lies between.
+    middle = np.where(middle >= upper, np.nextafter(upper, -np.inf), middle)
+    inside = np.nextafter(lower, np.inf)
+    middle = np.where((middle <= lower) & (inside < upper), inside, middle)
     outside = 0.5 * (values[-1] - values[0]) / len(gaps) if len(gaps) else 0.5
-    thresholds = np.concatenate([[values[0] - outside], values[:-1] + gaps / 2, [values[-1] + outside]])
+    # A tiny spread can round the outer candidates onto the extremes; they must lie strictly outside.
+    below = min(values[0] - outside, np.nextafter(values[0], -np.inf))
+    above = max(values[-1] + outside, np.nextafter(values[-1], np.inf))
+    thresholds = np.concatenate([[below], middle, [above]])
     margins = np.concatenate([[-np.inf], gaps, [-np.inf]])
     best = np.flatnonzero(correct == correct.max())
     return float(thresholds[best[np.argmax(margins[best])]])
