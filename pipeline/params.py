@@ -141,7 +141,7 @@ class IndexParams(_Section):
     factory: str = "HNSW32"
     metric: Literal["ip", "l2"] = "ip"
     # FAISS ParameterSpace string applied at search time, e.g. "efSearch=64" or "nprobe=8".
-    search_params: str = ""
+    search_params: str = "efSearch=64"
     gallery_splits: list[Literal["train", "val", "test"]] = ["train", "val", "test"]
     query_split: Literal["train", "val", "test"] = "test"
     seed: int = 0
