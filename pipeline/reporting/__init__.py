@@ -1,0 +1,1 @@
+"""report.md, figures and DVC plot files."""

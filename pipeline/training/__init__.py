@@ -1,0 +1,1 @@
+"""Training loops, losses, miners, samplers, seeded augmentation, optimizer and schedule."""
