@@ -53,7 +53,7 @@ def main(
     index_keys = ("factory", "metric", "n", "dim", "recall@10")
 
     results = {"zero_shot": zero_shot, "retrieval": retrieval, "verification": verification}
-    written = outputs.write(reports, train_reports, results, prepared.class_names, index, prepared.image_root, params.n_examples, probe_dir)
+    written, not_drawn = outputs.write(reports, train_reports, results, prepared.class_names, index, prepared.image_root, params.n_examples, probe_dir)
     probe = io.read_json(probe_dir / "probe.json") if (probe_dir / "probe.json").exists() else {"skipped": f"no {probe_dir}/probe.json; run `dvc repro probe`"}
 
     metrics = {
@@ -78,7 +78,7 @@ def main(
     # pure function of the stage's inputs, so `dvc metrics diff` after a rerun shows real changes only.
     io.write_json(reports / "metrics.json", metrics)
     comparison = io.read_json(methods) if methods.exists() else None
-    io.write_text(reports / "report.md", markdown.render(metrics, written, comparison))
+    io.write_text(reports / "report.md", markdown.render(metrics, written, comparison, not_drawn))
     write_timing(timing, {"evaluate_s": round(time.perf_counter() - start, 3)})
     summary = []
     if "top1" in zero_shot.metrics:

@@ -18,6 +18,26 @@ from pipeline import io  # noqa: E402
 from pipeline.images import load_rgb  # noqa: E402
 
 
+def histogram_bins(values: np.ndarray, n: int) -> np.ndarray:
+    """n shared bin edges for `values`, also when they are constant, nearly constant or empty.
+
+    numpy refuses n bins over a range too narrow to split at float precision (an untrained model's
+    similarities can all be 1.0 but for rounding); such data gets one narrow window around it.
+    """
+    values = np.asarray(values, dtype=np.float64)
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        return np.linspace(0.0, 1.0, n + 1)
+    low, high = float(values.min()), float(values.max())
+    if high - low > 1e-9 * max(1.0, abs(low), abs(high)):
+        try:
+            return np.histogram_bin_edges(values, bins=n)
+        except ValueError:  # the range is real but still too narrow for n float steps
+            pass
+    half = max(1e-3, 1e-3 * abs(low))
+    return np.linspace(low - half, high + half, n + 1)
+
+
 def _save(fig: plt.Figure, path: Path) -> None:
     with io.atomic_path(path) as tmp:
         fig.savefig(tmp, format=path.suffix.lstrip("."), dpi=110, bbox_inches="tight")
@@ -99,11 +119,12 @@ def confusion(labels: np.ndarray, predicted: np.ndarray, class_names: list[str],
 def distance_histograms(distances: np.ndarray, same: np.ndarray, threshold: float, path: Path) -> None:
     """Pair distances of same-class and different-class pairs, overlaid, with the decision threshold."""
     distances, same = np.asarray(distances, dtype=np.float64), np.asarray(same).astype(bool)
-    bins = np.histogram_bin_edges(distances, bins=40)  # shared bins, so the two shapes line up
+    bins = histogram_bins(distances, 40)  # shared bins, so the two shapes line up
     fig, ax = plt.subplots(figsize=(6, 3.5))
     # Densities, so the overlap reads correctly even when there are more negatives than positives.
-    ax.hist(distances[same], bins=bins, density=True, alpha=0.55, color="tab:green", label=f"same class ({same.sum()})")
-    ax.hist(distances[~same], bins=bins, density=True, alpha=0.55, color="tab:red", label=f"different class ({(~same).sum()})")
+    for kind, colour, label in ((same, "tab:green", "same class"), (~same, "tab:red", "different class")):
+        if kind.any():  # a density of no pairs is 0/0
+            ax.hist(distances[kind], bins=bins, density=True, alpha=0.55, color=colour, label=f"{label} ({kind.sum()})")
     ax.axvline(threshold, color="black", linestyle="--", label=f"threshold {threshold:.3f}")
     ax.set(title="pair distances", xlabel="Euclidean distance", ylabel="density")
     ax.legend(fontsize=8)
@@ -173,7 +194,7 @@ def probe_similarity_histograms(neighbours: pd.DataFrame, path: Path) -> None:
     fig, axes = plt.subplots(1, len(probes), figsize=(3.2 * len(probes), 2.8), squeeze=False)
     for ax, name in zip(axes[0], probes):
         rows = neighbours[neighbours["probe"] == name]
-        bins = np.histogram_bin_edges(rows["top1_similarity"], bins=20)
+        bins = histogram_bins(rows["top1_similarity"], 20)
         for correct, colour, label in ((True, "tab:green", "correct"), (False, "tab:red", "wrong")):
             ax.hist(rows.loc[rows["correct"] == correct, "top1_similarity"], bins=bins, alpha=0.6, color=colour, label=label)
         ax.set(title=name, xlabel="top-1 neighbour similarity")

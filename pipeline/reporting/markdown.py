@@ -64,8 +64,9 @@ def methods_table(methods: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def render(metrics: dict, figures: dict[str, str], methods: dict | None = None) -> str:
-    """`figures` maps a figure's role to its path relative to reports/; `methods` is reports/methods.json."""
+def render(metrics: dict, figures: dict[str, str], methods: dict | None = None, not_drawn: dict[str, str] | None = None) -> str:
+    """`figures` maps a figure's role to its path relative to reports/; `methods` is reports/methods.json;
+    `not_drawn` maps the role of a figure that could not be drawn to the reason."""
     model, data = metrics["model"], metrics["dataset"]
     parts = [
         "# Evaluation report",
@@ -138,6 +139,9 @@ def render(metrics: dict, figures: dict[str, str], methods: dict | None = None) 
         parts += ["## Training", "", f"![training curves]({figures['training_curve']})", ""]
     if methods:
         parts.append(methods_table(methods))
+    if not_drawn:
+        parts += ["## Figures not drawn", "", "The metrics above are complete; these figures failed on this run's data:", ""]
+        parts += [f"- `{role}`: {reason}" for role, reason in not_drawn.items()] + [""]
     parts.append(
         "## Timing\n\nEach stage writes its wall-clock seconds (and the device it ran on) to `reports/timing/<stage>.json`; "
         "`dvc metrics show` lists them. They are kept out of this report and of every cached output, so that a rerun "

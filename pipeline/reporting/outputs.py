@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
+from typing import Callable
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
@@ -11,6 +14,30 @@ from pipeline import io
 from pipeline.metrics.tasks import TaskResult
 from pipeline.reporting import figures
 from pipeline.retrieval.faiss_index import LoadedIndex
+
+
+logger = logging.getLogger(__name__)
+
+
+class Figures:
+    """Draws figures into one folder, one at a time. A figure that cannot be drawn is recorded with
+    its reason (report.md lists it) and never stops the stage: the metrics matter more."""
+
+    def __init__(self, folder: Path, prefix: str = "figures/"):
+        self.folder, self.prefix = folder, prefix
+        self.written: dict[str, str] = {}  # role -> path relative to reports/
+        self.failed: dict[str, str] = {}  # role -> why it was not drawn
+
+    def draw(self, role: str, filename: str, function: Callable, *args) -> None:
+        try:
+            drawn = function(*args, self.folder / filename)
+        except Exception as err:  # matplotlib and numpy raise many types on degenerate data
+            plt.close("all")
+            self.failed[role] = f"{type(err).__name__}: {err}"
+            logger.warning("figure %s not drawn: %s", filename, self.failed[role])
+            return
+        if drawn is not False:  # a function returns False when there is nothing to draw
+            self.written[role] = self.prefix + filename
 
 
 def _read_csv(path: Path) -> pd.DataFrame | None:
@@ -39,17 +66,16 @@ def write(
     image_root: Path,
     n_examples: int,
     probe_dir: Path | None = None,
-) -> dict[str, str]:
-    """Write reports/figures and reports/plots for the tasks that ran; returns figure role -> path."""
+) -> tuple[dict[str, str], dict[str, str]]:
+    """Write reports/figures and reports/plots for the tasks that ran; returns the figures drawn
+    (role -> path relative to reports/) and those that could not be (role -> reason)."""
     zero_shot, retrieval, verification = results["zero_shot"], results["retrieval"], results["verification"]
-    written: dict[str, str] = {}
     # Whole folders are replaced, so a figure from an earlier run with other tasks cannot linger.
     with io.atomic_dir(reports / "figures") as figure_dir, io.atomic_dir(reports / "plots") as plot_dir:
-        if figures.training_curve(_read_csv(train_reports / "loss.csv"), _read_csv(train_reports / "val.csv"), figure_dir / "training_curve.png"):
-            written["training_curve"] = "figures/training_curve.png"
+        drawn = Figures(figure_dir)
+        drawn.draw("training_curve", "training_curve.png", figures.training_curve, _read_csv(train_reports / "loss.csv"), _read_csv(train_reports / "val.csv"))
         if "skipped" not in zero_shot.metrics:
-            figures.confusion(zero_shot.extras["labels"], zero_shot.extras["predicted"], class_names, figure_dir / "confusion.png")
-            written["confusion"] = "figures/confusion.png"
+            drawn.draw("confusion", "confusion.png", figures.confusion, zero_shot.extras["labels"], zero_shot.extras["predicted"], class_names)
             pd.DataFrame(zero_shot.plots["zero_shot_predictions"]).to_csv(plot_dir / "zero_shot_predictions.csv", index=False)
         if "skipped" not in retrieval.metrics:
             extras = retrieval.extras
@@ -57,35 +83,26 @@ def write(
             picks = np.linspace(0, len(extras["images"]) - 1, num=min(16, len(extras["images"])), dtype=int)
             first_caption = extras["texts"].reset_index().drop_duplicates("image_id").set_index("image_id")
             first_caption = first_caption.loc[extras["images"]["image_id"].iloc[picks], "index"]
-            figures.similarity_heatmap(
-                extras["image_emb"][picks],
-                extras["text_emb"][first_caption.to_numpy()],
-                extras["images"]["image_id"].iloc[picks].tolist(),
-                figure_dir / "similarity_heatmap.png",
-            )
-            written["heatmap"] = "figures/similarity_heatmap.png"
+            drawn.draw(
+                "heatmap", "similarity_heatmap.png", figures.similarity_heatmap,
+                extras["image_emb"][picks], extras["text_emb"][first_caption.to_numpy()], extras["images"]["image_id"].iloc[picks].tolist(),
+            )  # fmt: skip
             if n_examples:
                 queries, hits = _retrieval_examples(retrieval, index, image_root, n_examples)
-                figures.retrieval_examples(queries, hits, figure_dir / "retrieval_examples.png")
-                written["examples"] = "figures/retrieval_examples.png"
+                drawn.draw("examples", "retrieval_examples.png", figures.retrieval_examples, queries, hits)
             pd.DataFrame(retrieval.plots["recall_at_k"]).to_csv(plot_dir / "recall_at_k.csv", index=False)
         if "skipped" not in verification.metrics:
             extras, m = verification.extras, verification.metrics
-            figures.distance_histograms(extras["distances"], extras["same"], m["threshold"], figure_dir / "verification_distances.png")
-            figures.roc_curve_plot(extras["roc"]["fpr"], extras["roc"]["tpr"], m["roc_auc"], m["eer"], figure_dir / "verification_roc.png")
-            figures.verification_confusion(m["confusion"], figure_dir / "verification_confusion.png")
-            written.update(
-                distances="figures/verification_distances.png",
-                roc="figures/verification_roc.png",
-                verification_confusion="figures/verification_confusion.png",
-            )
+            drawn.draw("distances", "verification_distances.png", figures.distance_histograms, extras["distances"], extras["same"], m["threshold"])
+            drawn.draw("roc", "verification_roc.png", figures.roc_curve_plot, extras["roc"]["fpr"], extras["roc"]["tpr"], m["roc_auc"], m["eer"])
+            drawn.draw("verification_confusion", "verification_confusion.png", figures.verification_confusion, m["confusion"])
             pd.DataFrame(extras["roc"]).to_csv(plot_dir / "verification_roc.csv", index=False)
 
         probe = io.read_json(probe_dir / "probe.json") if probe_dir and (probe_dir / "probe.json").exists() else {}
         if probe.get("points"):
             # The accuracy-vs-time figure is the probe stage's own (reports/probe_tradeoff.png): times are not inputs here.
-            figures.probe_similarity_histograms(pd.read_parquet(probe_dir / "neighbours.parquet"), figure_dir / "probe_similarity.png")
-            written.update(probe_tradeoff="probe_tradeoff.png", probe_similarity="figures/probe_similarity.png")
+            drawn.written["probe_tradeoff"] = "probe_tradeoff.png"
+            drawn.draw("probe_similarity", "probe_similarity.png", figures.probe_similarity_histograms, pd.read_parquet(probe_dir / "neighbours.parquet"))
             rows = [{"probe": name, **row} for name, row in probe["points"].items()]
             pd.DataFrame(rows).to_csv(plot_dir / "probe.csv", index=False)
-    return written
+    return drawn.written, drawn.failed
