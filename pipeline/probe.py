@@ -53,6 +53,12 @@ def main(
         summary["skipped"] = (
             f"needs labelled images in the '{params.gallery_split}' (gallery) and '{params.query_split}' (query) splits and 2+ classes"
         )
+    elif not queries["label"].isin(gallery["label"]).any():
+        # Class-disjoint splits: a vote among gallery classes can never name a query's class.
+        summary["skipped"] = (
+            f"no class of the '{params.query_split}' split is in the '{params.gallery_split}' gallery (a class-disjoint split), "
+            "so a k-NN vote could never be right"
+        )
     else:
         gallery_labels = gallery["label"].to_numpy().astype(np.int64)
         query_labels = queries["label"].to_numpy().astype(np.int64)
@@ -80,9 +86,10 @@ def main(
             class_emb = encode_class_prompts(loaded, prepared.class_names, prepared.templates)
             query_features, encode_s = final or timed_features(probe_encoder(loaded, "final"), batches(queries), loaded.device)
             query_start = time.perf_counter()
-            scores = zero_shot_scores(normalise(query_features), class_emb)
+            present = np.unique(query_labels)  # the candidates, as in evaluate's zero-shot task
+            scores = zero_shot_scores(normalise(query_features), class_emb[present])
             query_s = time.perf_counter() - query_start
-            rows["zero_shot"] = {**topk_from_scores(scores, query_labels), "dim": int(class_emb.shape[1])}
+            rows["zero_shot"] = {**topk_from_scores(scores, np.searchsorted(present, query_labels)), "dim": int(class_emb.shape[1])}
             times["zero_shot"] = {"encode_ms": 1000 * encode_s / len(queries), "query_ms": 1000 * query_s / len(queries)}
         summary.update(n_gallery=len(gallery), n_queries=len(queries))
 

@@ -20,6 +20,7 @@ SMALL = {
     "index": {"factory": "Flat", "search_params": ""},
     "evaluate": {"n_examples": 2},
 }
+DEFAULT_RECALL_K = Params().evaluate.recall_k
 
 
 def _run(args, cwd):
@@ -150,6 +151,19 @@ def test_a_param_that_breaks_a_later_stage_fails_the_first_stage_it_reruns(proje
     assert "Running stage 'train'" in output and "Running stage 'prepare'" not in output
     assert "error: index.factory 'PQ8' is not a valid FAISS factory string for dim 100" in output
     assert "Traceback" not in output and "epoch" not in output  # refused before any training
+
+
+def test_a_profile_started_with_git_checkout_does_not_inherit_the_last_experiment(project, tmp_path):
+    """`dvc exp run -S` leaves its values in params.yaml; the README's profiles reset it first."""
+    work = tmp_path / "project"
+    shutil.copytree(project, work, symlinks=True)
+    _run(["git", "add", "-A"], work)
+    _run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "defaults"], work)
+    _dvc(work, "exp", "run", "-n", "first", "-S", "evaluate.recall_k=[1,3]")
+    assert yaml.safe_load((work / "params.yaml").read_text())["evaluate"]["recall_k"] == [1, 3]  # left behind
+    _run(["bash", "-c", "git checkout params.yaml && python -m dvc exp run -n second -S evaluate.n_examples=1"], work)
+    second = yaml.safe_load((work / "params.yaml").read_text())["evaluate"]
+    assert second["n_examples"] == 1 and second["recall_k"] == DEFAULT_RECALL_K
 
 
 def test_evaluate_param_reruns_only_evaluate(project):

@@ -16,15 +16,30 @@ def test_zero_shot_uses_only_labelled_images_of_the_split():
     image_emb = np.array([[1, 0], [0, 1], [0, 1], [1, 0]], dtype=np.float32)
     class_emb = np.eye(2, dtype=np.float32)
     result = tasks.zero_shot(images, image_emb, class_emb, ["cat", "dog"], "test")
-    assert result.metrics == {"top1": 1.0, "chance_top1": 0.5, "n": 2, "n_classes": 2}
+    assert result.metrics == {"top1": 1.0, "chance_top1": 0.5, "n": 2, "n_classes": 2, "n_classes_in_dataset": 2}
     assert result.plots["zero_shot_predictions"] == [{"actual": "cat", "predicted": "cat"}, {"actual": "dog", "predicted": "dog"}]
+
+
+def test_zero_shot_chooses_among_the_classes_present_in_the_split():
+    """A class-disjoint test split of 2 of 4 classes is a 2-way task: chance 0.5, not 0.25, and an
+    image cannot be 'wrong' by picking a class that is not among the test's."""
+    images = _images(["test"] * 4 + ["train"] * 2, [2, 2, 3, 3, 0, 1])
+    class_emb = np.eye(4, dtype=np.float32)
+    # Each test image is nearest to a training class (0 or 1), then to its own class.
+    image_emb = np.array([[0.9, 0, 0.4, 0], [0, 0.9, 0.4, 0], [0.9, 0, 0, 0.4], [0, 0.9, 0, 0.4], [1, 0, 0, 0], [0, 1, 0, 0]], dtype=np.float32)
+    result = tasks.zero_shot(images, image_emb, class_emb, ["a", "b", "c", "d"], "test")
+    assert result.metrics["top1"] == 1.0 and result.metrics["chance_top1"] == 0.5
+    assert result.metrics["n_classes"] == 2 and result.metrics["n_classes_in_dataset"] == 4
+    assert result.extras["predicted"].tolist() == [2, 2, 3, 3]  # in the dataset's class indices
 
 
 def test_zero_shot_is_skipped_with_a_reason():
     images = _images(["test"], [None])
     emb = np.ones((1, 2), dtype=np.float32)
-    assert "no classes" in tasks.zero_shot(images, emb, np.zeros((0, 2)), [], "test").metrics["skipped"]
+    assert "no labelled images" in tasks.zero_shot(images, emb, np.zeros((0, 2)), [], "test").metrics["skipped"]
     assert "no labelled images" in tasks.zero_shot(images, emb, np.eye(2), ["a", "b"], "test").metrics["skipped"]
+    one_class = _images(["test", "test"], [1, 1])
+    assert "holds 1 class(es)" in tasks.zero_shot(one_class, np.ones((2, 2)), np.eye(2), ["a", "b"], "test").metrics["skipped"]
 
 
 def test_retrieval_is_skipped_without_captions_and_restricted_to_the_split():

@@ -29,21 +29,26 @@ class TaskResult:
 def zero_shot(images: pd.DataFrame, image_emb: np.ndarray, class_emb: np.ndarray, class_names: list[str], split: str) -> TaskResult:
     """Top-1/top-5 of image -> class-prompt similarity on the labelled images of `split`.
 
-    `predicted` follows the metrics' tie rule (`classification.predicted_classes`), so the
-    confusion matrix's diagonal counts exactly the top-1 hits.
+    The candidates are the classes present in the split, and chance is over them: a class-disjoint
+    test split of 2 unseen classes is a 2-way task (chance 0.5), not a choice among every class of
+    the dataset. `predicted` follows the metrics' tie rule (`classification.predicted_classes`), so
+    the confusion matrix's diagonal counts exactly the top-1 hits.
     """
-    if len(class_names) < 2:
-        return TaskResult(skipped("the dataset has no classes (zero-shot needs at least 2)"))
     emb, labels = _labelled(images, image_emb, split)
     if len(labels) == 0:
         return TaskResult(skipped(f"no labelled images in the '{split}' split"))
-    scores = zero_shot_scores(emb, class_emb)
-    predicted = predicted_classes(labels, scores)
+    present = np.unique(labels)
+    if len(present) < 2:
+        return TaskResult(skipped(f"the '{split}' split holds {len(present)} class(es); zero-shot needs at least 2 to choose from"))
+    local = np.searchsorted(present, labels)  # label -> column among the candidate classes
+    scores = zero_shot_scores(emb, class_emb[present])
+    predicted = present[predicted_classes(local, scores)]
     metrics = {
-        **top_k_accuracy(labels, scores, (1, 5)),
-        "chance_top1": chance_top1(len(class_names)),
+        **top_k_accuracy(local, scores, (1, 5)),
+        "chance_top1": chance_top1(len(present)),
         "n": int(len(labels)),
-        "n_classes": len(class_names),
+        "n_classes": int(len(present)),  # the candidates: the classes present in the split
+        "n_classes_in_dataset": len(class_names),
     }
     rows = [{"actual": class_names[a], "predicted": class_names[p]} for a, p in zip(labels, predicted)]
     return TaskResult(metrics, plots={"zero_shot_predictions": rows}, extras={"labels": labels, "predicted": predicted})

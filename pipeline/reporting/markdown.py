@@ -78,7 +78,9 @@ def render(metrics: dict, figures: dict[str, str], methods: dict | None = None, 
         "",
     ]
     zero_shot = metrics["zero_shot"]
-    parts.append(_section("Zero-shot classification", zero_shot, ["top1", "top5", "chance_top1", "n", "n_classes"]))
+    parts.append(_section("Zero-shot classification", zero_shot, ["top1", "top5", "chance_top1", "n", "n_classes", "n_classes_in_dataset"]))
+    if "skipped" not in zero_shot:
+        parts.append(f"Each image chooses among the {zero_shot['n_classes']} classes present in the `{data['split']}` split; chance is over them.\n")
     if "confusion" in figures:
         parts.append(f"![zero-shot confusion matrix]({figures['confusion']})\n")
 
