@@ -51,6 +51,11 @@ def main(
     preflight.check_against_data(params, prepared.images, prepared.captions is not None)
     seed_everything(params.train.seed)  # the initial weights of an untrained model depend on it
     loaded = models.create_model(params.model.name, params.model.pretrained, params.runtime.device)
+    if params.train.method == "clip" and prepared.captions is None:
+        typer.echo(
+            f"train clip: {prepared.info['source']} has no captions, so each image is paired with its class's "
+            f"prompts ({len(prepared.templates)} templates x class name) as captions, as FLYP fine-tunes on class labels"
+        )
     info = {"method": params.train.method, "trained_on": prepared.info["source"]}
 
     if params.train.method == "none":

@@ -27,6 +27,7 @@ from pipeline.params import TrainParams
 from pipeline.training.augment import PerSampleRandom
 from pipeline.training.checkpoints import Resume, TrainResult, capture_rng, restore_rng, result_from_state, result_state, snapshot
 from pipeline.training.optim import build_optimizer, cosine_with_warmup, param_groups, seed_everything
+from pipeline.training.progress import epoch_line
 
 MAX_LOGIT_SCALE = math.log(100)  # CLIP clamps the temperature so logits stay <= 100
 
@@ -157,12 +158,15 @@ def train_clip(loaded: LoadedModel, prepared: Prepared, params: TrainParams, res
                 "epoch_s": round(time.perf_counter() - start, 3),
             }
         )
+        score = None
         if has_val and (epoch % params.val_every == 0 or epoch == params.epochs):
             row = validation_recall(loaded, prepared)
             result.val_rows.append({"epoch": epoch, **row})
+            score = ("mean_recall", row["mean_recall"])
             if row["mean_recall"] > best_score:
                 best_score, result.best_epoch = row["mean_recall"], epoch
                 result.best = snapshot(model, epoch)
+        epoch_line(epoch, params.epochs, result.loss_rows[-1]["loss"], time.perf_counter() - start, score)
         if params.checkpoint_every and epoch % params.checkpoint_every == 0:
             result.periodic[f"epoch-{epoch:04d}.pt"] = snapshot(model, epoch)
         resume.save(

@@ -33,6 +33,7 @@ from pipeline.training.checkpoints import Resume, TrainResult, capture_rng, rest
 from pipeline.training.losses import all_triplets_loss, contrastive_loss, pair_distance, triplet_margin_loss
 from pipeline.training.miners import mine_triplets
 from pipeline.training.optim import build_optimizer, cosine_with_warmup, seed_everything
+from pipeline.training.progress import epoch_line
 from pipeline.training.samplers import PKBatchSampler, sample_pairs
 
 MAX_VAL_IMAGES = 2000  # validation mines over all pairs of val images: O(n^2) memory
@@ -176,12 +177,15 @@ def _run_epochs(
             losses.append(loss.item())
         row = {"epoch": epoch, "loss": float(np.mean(losses)) if losses else float("nan"), "lr": scheduler.get_last_lr()[0]}
         row["epoch_s"] = round(time.perf_counter() - start, 3)
+        score = None
         if validator.usable and (epoch % params.val_every == 0 or epoch == params.epochs):
             val = validator()
             row["val_loss"] = val["val_loss"]
             result.val_rows.append({"epoch": epoch, **val})
+            score = ("map_at_r", val["map_at_r"])
             if stopper.improved(val["val_loss"]):
                 result.best, result.best_epoch = snapshot(loaded.model, epoch, loaded.image_head), epoch
+        epoch_line(epoch, params.epochs, row["loss"], time.perf_counter() - start, score)
         result.loss_rows.append(row)
         if params.checkpoint_every and epoch % params.checkpoint_every == 0:
             result.periodic[f"epoch-{epoch:04d}.pt"] = snapshot(loaded.model, epoch, loaded.image_head)
