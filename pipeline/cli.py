@@ -29,13 +29,37 @@ def _flatten(prefix: str, value, out: list[tuple[str, object]]) -> None:
         out.append((prefix, value))
 
 
+def find_project_root(start: Path) -> Optional[Path]:
+    """The nearest folder at or above `start` holding dvc.yaml, as git and dvc find theirs."""
+    for folder in [start, *start.parents]:
+        if (folder / "dvc.yaml").is_file():
+            return folder
+    return None
+
+
+def _in_project(ctx: typer.Context, name: str, path: Path) -> Path:
+    """A path option as given, or, left at its default, resolved in the project (so commands work
+    from any folder inside it)."""
+    source = ctx.get_parameter_source(name)  # an enum of typer's own click copy: compared by name
+    if source is None or source.name != "DEFAULT" or path.is_absolute():
+        return path
+    root = find_project_root(Path.cwd())
+    if root is None:
+        raise PredictError(
+            f"no clipline project found: no dvc.yaml in {Path.cwd()} or any folder above it. "
+            f"Run from inside the project, or give --{name.replace('_', '-')} (and the other artifact options)"
+        )
+    return root / path
+
+
 @app.command()
 @user_errors_exit_cleanly
 def info(
+    ctx: typer.Context,
     reports: Path = typer.Option(Path("reports"), help="reports folder written by `dvc repro`"),
 ) -> None:
     """Show what the last `dvc repro` built and measured: dataset, model, index, metrics."""
-    metrics = io.read_json(reports / "metrics.json")
+    metrics = io.read_json(_in_project(ctx, "reports", reports) / "metrics.json")
     rows: list[tuple[str, object]] = []
     _flatten("", metrics, rows)
     width = max(len(key) for key, _ in rows)
@@ -58,6 +82,18 @@ class Artifacts:
 
     def predictor(self) -> Predictor:
         return Predictor.from_artifacts(self.model, self.index, self.data, self.metrics, self.device, self.embeddings, self.gallery)
+
+
+class _ArtifactOptions:
+    """The app's artifact options, resolved in the project only when a command needs them (`info`
+    and `--help` need none, and work outside a project)."""
+
+    def __init__(self, ctx: typer.Context, paths: dict[str, Path], gallery: Optional[Path], device: str):
+        self.ctx, self.paths, self.gallery, self.device = ctx, paths, gallery, device
+
+    def predictor(self) -> Predictor:
+        paths = {name: _in_project(self.ctx, name, path) for name, path in self.paths.items()}
+        return Artifacts(**paths, gallery=self.gallery, device=self.device).predictor()
 
 
 def _print_table(rows: Sequence[dict]) -> None:
@@ -89,6 +125,17 @@ def _show_hits(hits: pd.DataFrame, out: Optional[Path], query_image: Optional[Pa
 
 TOP_K_OPTION = typer.Option(5, "--top-k", "-k", help="how many results")
 SHEET_OPTION = typer.Option(None, "--out", help="write a contact sheet (PNG) of the query and its results")
+SHEET_FORMATS = (".png", ".jpg", ".jpeg", ".pdf", ".svg")
+
+
+def _check_sheet_path(out: Optional[Path]) -> None:
+    """Refuse a contact-sheet path matplotlib cannot write before any work, not with a traceback after."""
+    if out is None:
+        return
+    if out.is_dir():
+        raise PredictError(f"--out {out}: is a folder; give a file name, e.g. {out / 'results.png'}")
+    if out.suffix.lower() not in SHEET_FORMATS:
+        raise PredictError(f"--out {out}: give a file name ending in {', '.join(SHEET_FORMATS)} (the sheet's format)")
 
 
 @app.command()
@@ -103,6 +150,7 @@ def search(
     """Search the gallery (the pipeline's index plus added images) by text or by image."""
     if (text is None) == (image is None):
         raise PredictError("give exactly one of --text or --image")
+    _check_sheet_path(out)
     predictor = ctx.obj.predictor()
     if text is not None:
         _show_hits(predictor.search_text(text, top_k), out, query_text=text)
@@ -118,7 +166,7 @@ def verify(
     image2: Optional[Path] = typer.Argument(None, help="second image"),
     pairs: Optional[Path] = typer.Option(None, help="CSV with columns image1,image2 (a batch instead of two images)"),
     out: Optional[Path] = typer.Option(None, help="where to write the batch results as CSV (default: stdout)"),
-    threshold: Optional[float] = typer.Option(None, help="distance threshold (default: the one evaluate chose)"),
+    threshold: Optional[float] = typer.Option(None, min=0.0, help="distance threshold, >= 0 (default: the one evaluate chose)"),
 ) -> None:
     """Are two images the same class / identity? Prints same or different, the distance and a confidence."""
     if pairs is None and (image1 is None or image2 is None):
@@ -150,6 +198,7 @@ def similar(
     out: Optional[Path] = SHEET_OPTION,
 ) -> None:
     """The nearest images to QUERY, with their similarity scores (the same as search --image)."""
+    _check_sheet_path(out)
     _show_hits(ctx.obj.predictor().similar(query, top_k), out, query_image=query)
 
 
@@ -219,8 +268,9 @@ def main(
     gallery: Optional[Path] = typer.Option(None, help="gallery folder: the index plus images added with `add` (default: gallery/ beside the index folder)"),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
 ) -> None:
-    """clipline: a reproducible DVC pipeline for CLIP-style models. Run from the project folder."""
-    ctx.obj = Artifacts(model, index, data, metrics, embeddings, gallery, device)
+    """clipline: a reproducible DVC pipeline for CLIP-style models. Run anywhere inside the project
+    (the folder holding dvc.yaml, found upward as git finds .git), or point the options elsewhere."""
+    ctx.obj = _ArtifactOptions(ctx, dict(model=model, index=index, data=data, metrics=metrics, embeddings=embeddings), gallery, device)
 
 
 if __name__ == "__main__":

@@ -47,6 +47,12 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _umask() -> int:
+    mask = os.umask(0)  # the only way to read it is to set it
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary file path; on success rename it onto `target`, on failure delete it."""
@@ -56,6 +62,7 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(target), suffix=".tmp", dir=target.parent)
     os.close(fd)
     tmp_path = Path(tmp)
+    tmp_path.chmod(0o666 & ~_umask())  # mkstemp makes it 0600; the output gets a normal file's mode
     try:
         yield tmp_path
         os.replace(tmp_path, target)
@@ -73,6 +80,7 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
         os.replace(old, target)  # a writer died between the two renames below: put the old one back
     _remove_dead_writers_leftovers(target)
     tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(target), suffix=".tmp", dir=target.parent))
+    tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it 0700
     try:
         yield tmp
         if target.exists():

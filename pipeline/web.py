@@ -141,7 +141,16 @@ class Page:
         lines += [f"- `{Path(source).name}` is already in the gallery as `{image_id}`" for source, image_id in (report.duplicates if report else [])]
         lines += [f"- rejected: {why}" for why in rejected]
         total = report.total if report else self.predictor.index.index.ntotal
-        return "\n".join(lines + [f"\nThe gallery now holds {total} images."])
+        return "\n".join(lines + [f"\nThe gallery now holds {total} images."]), self.header()
+
+    def header(self) -> str:
+        """The page's title line, with the gallery's size as it is now (it grows with each add)."""
+        predictor = self.predictor
+        gallery = (
+            f" · gallery of {predictor.index.index.ntotal} images ({predictor.index.info.get('factory')})"
+            if predictor.index is not None else " · no index: run `dvc repro`"
+        )  # fmt: skip
+        return f"# clipline\nModel `{predictor.loaded.name}`{gallery}"
 
 
 def _listen(event: Callable, handler: Callable, inputs: list, output, concurrency_id: str) -> None:
@@ -155,10 +164,7 @@ def build(predictor: Predictor, limits: UploadLimits = UploadLimits()) -> gr.Blo
     k_slider = functools.partial(gr.Slider, 1, 50, value=8, step=1, label="results")
     # Uploads are copied into Gradio's cache; drop them after an hour so a long-running page does not fill the disk.
     with gr.Blocks(title="clipline", analytics_enabled=False, delete_cache=(3600, 3600)) as demo:
-        gr.Markdown(
-            f"# clipline\nModel `{predictor.loaded.name}`"
-            + (f" · gallery of {predictor.index.index.ntotal} images ({predictor.index.info.get('factory')})" if has_index else " · no index: run `dvc repro`")
-        )
+        header = gr.Markdown(page.header(), elem_id="header")
         with gr.Tab("Text search", visible=has_index and shared_space):
             query = gr.Textbox(label="describe the image", placeholder="a small red circle on a white background", elem_id="text-query")
             k_text = k_slider()
@@ -194,7 +200,7 @@ def build(predictor: Predictor, limits: UploadLimits = UploadLimits()) -> gr.Blo
         listen(image_button.click, page.search_image, [image_query, k_image], image_hits)
         listen(classify_button.click, page.classify, [to_classify, labels, k_classes], probabilities)
         listen(verify_button.click, page.verify, [first, second], verdict)
-        listen(add_button.click, page.add, [new_files], add_report)
+        listen(add_button.click, page.add, [new_files], [add_report, header])
     return demo
 
 
@@ -210,7 +216,10 @@ def serve(predictor: Predictor, host: str = "127.0.0.1", port: int = 7860, limit
         allowed_paths=allowed,
         ssr_mode=False,
         show_error=True,
-        prevent_thread_lock=not block,
-        quiet=not block,
+        prevent_thread_lock=True,  # returns once listening; blocks below when asked to
+        quiet=True,  # Gradio would also print its `share=True` hint, for a page that stays local on purpose
     )
+    print(f"clipline page on http://{host}:{port} (Ctrl+C to stop)", flush=True)
+    if block:
+        demo.block_thread()
     return demo

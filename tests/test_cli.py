@@ -79,3 +79,32 @@ def test_probe_rows_reach_metrics_and_their_timings_reach_reports_timing(artifac
     assert all(row["encode_ms"] > 0 and row["query_ms"] > 0 for row in times.values())
     assert (artifacts["reports"] / "probe_tradeoff.png").stat().st_size > 1000
     assert "## Layer probe" in (artifacts["reports"] / "report.md").read_text()
+
+
+def test_commands_find_the_project_from_any_folder_inside_it(artifacts, monkeypatch, tmp_path):
+    """The artifacts fixture has the default layout under one root; with a dvc.yaml there, the
+    commands work from a subfolder with no options, as git and dvc do."""
+    root = artifacts["data"].parents[1]
+    (root / "dvc.yaml").write_text("stages: {}\n")
+    try:
+        monkeypatch.chdir(artifacts["reports"] / "train")
+        out = _invoke(cli.app, ["similar", artifacts["images"][3], "-k", "2"])
+        assert artifacts["images"][3].stem in out.splitlines()[1]
+        assert "dataset.source" in _invoke(cli.app, ["info"])
+    finally:
+        (root / "dvc.yaml").unlink()
+    monkeypatch.chdir(tmp_path)  # no dvc.yaml here or above
+    result = runner.invoke(cli.app, ["similar", str(artifacts["images"][3])])
+    assert result.exit_code == 1 and f"no dvc.yaml in {tmp_path} or any folder above it" in result.output
+
+
+@pytest.mark.parametrize("out", ["{tmp}", "{tmp}/sheet"])
+def test_a_contact_sheet_path_without_an_image_format_is_refused_up_front(artifacts, tmp_path, out):
+    out = out.format(tmp=tmp_path)
+    result = runner.invoke(cli.app, [*map(str, _where(artifacts)), "similar", str(artifacts["images"][0]), "--out", out])
+    assert result.exit_code == 1 and f"error: --out {out}:" in result.output and "Traceback" not in result.output
+
+
+def test_a_negative_threshold_is_refused(artifacts):
+    result = runner.invoke(cli.app, [*map(str, _where(artifacts)), "verify", str(artifacts["images"][0]), str(artifacts["images"][1]), "--threshold", "-1"])
+    assert result.exit_code == 2 and "--threshold" in result.output

@@ -131,3 +131,18 @@ def test_overrides_keep_yaml_types_and_reject_malformed_ones():
     assert raw == {"train": {"epochs": 5}, "probe": {"points": ["pixels", 3, "final"]}, "index": {"search_params": ""}, "data": {"download": False}}
     with pytest.raises(params.ParamsError, match="expected KEY=VALUE"):
         params.apply_override(raw, "train.epochs")
+
+
+def test_atomic_outputs_get_the_modes_of_ordinary_files(tmp_path):
+    """Temporary files are created private (0600, 0700); what they become must not be."""
+    import os
+
+    previous = os.umask(0o022)
+    try:
+        io.write_json(tmp_path / "out.json", {"ok": 1})
+        with io.atomic_dir(tmp_path / "folder") as tmp:
+            (tmp / "a.txt").write_text("a")
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "out.json").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "folder").stat().st_mode & 0o777 == 0o755

@@ -196,3 +196,16 @@ def test_text_search_and_classify_refuse_an_image_only_head(artifacts):
     for call in (lambda: predictor.search_text("a circle"), lambda: predictor.classify(artifacts["images"][0])):
         with pytest.raises(PredictError, match="trained on images only"):
             call()
+
+
+def test_top_k_past_what_hnsw_finds_falls_back_to_exact_search(artifacts, tmp_path, caplog):
+    """HNSW returns at most about efSearch results; asking for more answers by exact search rather
+    than silently returning fewer than the gallery holds."""
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"index": {"factory": "HNSW8", "search_params": "efSearch=4"}}))
+    invoke(index.app, ["--params", params, "--embeddings", artifacts["emb"], "--out", tmp_path / "index", "--timing", tmp_path / "t.json"])
+    predictor = load_predictor({**artifacts, "index": tmp_path / "index"}, tmp_path / "gallery")
+    n = predictor.index.index.ntotal
+    hits = predictor.similar(artifacts["images"][0], k=10 * n)
+    assert len(hits) == n and hits["image_id"].is_unique
+    assert "answering by exact search" in caplog.text

@@ -1,6 +1,8 @@
 """The web page: upload checks, the handlers, and the real page driven in headless Chromium."""
 
+import contextlib
 import os
+import select
 import shutil
 import socket
 import subprocess
@@ -49,8 +51,11 @@ def test_handlers_search_classify_and_add(predictor, artifacts, tmp_path):
     (tmp_path / "text.png").write_text("hello")
     new = tmp_path / "new.png"
     draw_shape("star", (10, 10, 200), (250, 250, 250), 64, 30, 30, 20).save(new)
-    report = page.add([str(new), str(tmp_path / "text.png")])
+    before = page.header()
+    report, header = page.add([str(new), str(tmp_path / "text.png")])
     assert "added `new.png`" in report and "rejected: text.png is not an image" in report
+    n = predictor.index.index.ntotal
+    assert f"gallery of {n} images" in header and f"gallery of {n - 1} images" in before  # the title follows the gallery
     assert page.search_image(str(new), 1)[0][0].startswith(str(tmp_path / "gallery" / "store"))
     with pytest.raises(gr.Error, match="at least two different labels"):
         web._friendly(page.classify)(str(artifacts["images"][0]), "only-one", 3)
@@ -62,12 +67,12 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.fixture
-def served(artifacts, tmp_path):
-    """`clipline serve` in a subprocess on a free local port; yields its URL."""
+@contextlib.contextmanager
+def _serve(artifacts, gallery):
+    """`clipline serve` in a subprocess on a free local port; yields (its URL, the process)."""
     port = _free_port()
     artifact_args = [str(a) for a in where(artifacts)]
-    artifact_args[artifact_args.index("--gallery") + 1] = str(tmp_path / "gallery")
+    artifact_args[artifact_args.index("--gallery") + 1] = str(gallery)
     command = [sys.executable, "-m", "pipeline.cli", *artifact_args, "serve", "--port", str(port), "--max-upload-mb", "1", "--max-pixels", str(LIMITS.max_pixels)]
     server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}/"
@@ -81,10 +86,29 @@ def served(artifacts, tmp_path):
                 if server.poll() is not None or time.monotonic() > deadline:
                     pytest.fail(f"clipline serve did not come up:\n{server.stdout.read() if server.poll() is not None else ''}")
                 time.sleep(0.5)
-        yield url
+        yield url, server
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+@pytest.fixture
+def served(artifacts, tmp_path):
+    with _serve(artifacts, tmp_path / "gallery") as (url, _):
+        yield url
+
+
+def test_serve_says_where_the_page_is_and_nothing_about_sharing_it(artifacts, tmp_path):
+    lines = []
+    with _serve(artifacts, tmp_path / "gallery") as (url, server):
+        # The page answers a moment before launch() returns and the line is printed.
+        deadline = time.monotonic() + 30
+        while not any("clipline page on" in line for line in lines) and time.monotonic() < deadline:
+            if select.select([server.stdout], [], [], 1.0)[0]:
+                lines.append(server.stdout.readline())
+    output = "".join(lines)
+    assert f"clipline page on {url.rstrip('/')}" in output
+    assert "share=True" not in output and "public link" not in output
 
 
 def test_the_page_in_a_real_browser(served, artifacts, tmp_path):

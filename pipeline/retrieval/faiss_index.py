@@ -8,6 +8,7 @@ Folder layout (artifacts/index/):
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ from pipeline import io
 from pipeline.errors import IndexBuildError  # noqa: F401 (callers import it from here too)
 from pipeline.retrieval.factory import METRICS, apply_search_params, check_factory_string, check_lists_fit
 
+logger = logging.getLogger(__name__)
 MAX_TRAIN_POINTS = 200_000  # IVF/PQ quantisers train on a sample; more adds time, not quality
 
 
@@ -66,6 +68,21 @@ def ann_quality(index: faiss.Index, vectors: np.ndarray, queries: np.ndarray, me
     }
 
 
+def stored_vectors(index: faiss.Index) -> np.ndarray:
+    """Every vector the index holds, as it holds them (decoded, for compressed codes like PQ)."""
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None:
+        ivf.make_direct_map()  # IVF lists are not addressable by id without it
+    return index.reconstruct_n(0, index.ntotal)
+
+
+def exact_search(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The top k by brute force over `index`'s stored vectors, with the index's metric."""
+    exact = faiss.IndexFlat(index.d, index.metric_type)
+    exact.add(stored_vectors(index))
+    return search(exact, queries, k)
+
+
 def save(folder: Path, index: faiss.Index, ids: pd.DataFrame, info: dict) -> None:
     with io.atomic_path(folder / "index.faiss") as tmp:
         faiss.write_index(index, str(tmp))
@@ -80,8 +97,20 @@ class LoadedIndex:
     info: dict
 
     def search(self, queries: np.ndarray, k: int) -> list[pd.DataFrame]:
-        """Per query, the top-k rows of the id map with a `score` column, best first."""
-        scores, rows = search(self.index, np.atleast_2d(queries), k)
+        """Per query, the top-k rows of the id map with a `score` column, best first.
+
+        An approximate index can return fewer than k even when the gallery holds more (HNSW finds
+        at most about efSearch candidates); then the query is answered by exact search over the
+        index's stored vectors instead, with a warning, rather than silently cut short.
+        """
+        queries = np.atleast_2d(queries)
+        scores, rows = search(self.index, queries, k)
+        if (rows < 0).any():
+            logger.warning(
+                "the %s index returned fewer than the %d results asked for; answering by exact search over its %d vectors",
+                self.info.get("factory", "approximate"), rows.shape[1], self.index.ntotal,
+            )  # fmt: skip
+            scores, rows = exact_search(self.index, queries, k)
         results = []
         for score_row, row_ids in zip(scores, rows):
             keep = row_ids >= 0
