@@ -7,7 +7,6 @@ locations are options of the app, before the command (clipline --model M search 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -68,32 +67,17 @@ def info(
         typer.echo(f"{key.ljust(width)}  {shown}")
 
 
-@dataclass
 class Artifacts:
-    """Where the pipeline's outputs are; the options before the command name (clipline --model M verify ...)."""
-
-    model: Path
-    index: Path
-    data: Path
-    metrics: Path
-    embeddings: Path
-    gallery: Optional[Path]
-    device: str
-
-    def predictor(self) -> Predictor:
-        return Predictor.from_artifacts(self.model, self.index, self.data, self.metrics, self.device, self.embeddings, self.gallery)
-
-
-class _ArtifactOptions:
-    """The app's artifact options, resolved in the project only when a command needs them (`info`
-    and `--help` need none, and work outside a project)."""
+    """Where the pipeline's outputs are: the options before the command name (clipline --model M
+    verify ...), resolved in the project only when a command loads them (`info` and `--help` load
+    nothing, and work outside a project)."""
 
     def __init__(self, ctx: typer.Context, paths: dict[str, Path], gallery: Optional[Path], device: str):
         self.ctx, self.paths, self.gallery, self.device = ctx, paths, gallery, device
 
     def predictor(self) -> Predictor:
-        paths = {name: _in_project(self.ctx, name, path) for name, path in self.paths.items()}
-        return Artifacts(**paths, gallery=self.gallery, device=self.device).predictor()
+        path = {name: _in_project(self.ctx, name, given) for name, given in self.paths.items()}
+        return Predictor.from_artifacts(path["model"], path["index"], path["data"], path["metrics"], self.device, path["embeddings"], self.gallery)
 
 
 def _print_table(rows: Sequence[dict]) -> None:
@@ -270,7 +254,7 @@ def main(
 ) -> None:
     """clipline: a reproducible DVC pipeline for CLIP-style models. Run anywhere inside the project
     (the folder holding dvc.yaml, found upward as git finds .git), or point the options elsewhere."""
-    ctx.obj = _ArtifactOptions(ctx, dict(model=model, index=index, data=data, metrics=metrics, embeddings=embeddings), gallery, device)
+    ctx.obj = Artifacts(ctx, dict(model=model, index=index, data=data, metrics=metrics, embeddings=embeddings), gallery, device)
 
 
 if __name__ == "__main__":
