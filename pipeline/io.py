@@ -47,10 +47,14 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _umask() -> int:
+def _read_umask() -> int:
     mask = os.umask(0)  # the only way to read it is to set it
     os.umask(mask)
     return mask
+
+
+# Read once, at import: setting it to read it is a race with any thread creating files meanwhile.
+UMASK = _read_umask()
 
 
 @contextlib.contextmanager
@@ -62,7 +66,7 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(target), suffix=".tmp", dir=target.parent)
     os.close(fd)
     tmp_path = Path(tmp)
-    tmp_path.chmod(0o666 & ~_umask())  # mkstemp makes it 0600; the output gets a normal file's mode
+    tmp_path.chmod(0o666 & ~UMASK)  # mkstemp makes it 0600; the output gets a normal file's mode
     try:
         yield tmp_path
         os.replace(tmp_path, target)
@@ -80,7 +84,7 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
         os.replace(old, target)  # a writer died between the two renames below: put the old one back
     _remove_dead_writers_leftovers(target)
     tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(target), suffix=".tmp", dir=target.parent))
-    tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it 0700
+    tmp.chmod(0o777 & ~UMASK)  # mkdtemp makes it 0700
     try:
         yield tmp
         if target.exists():
