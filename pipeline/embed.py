@@ -59,7 +59,7 @@ def embed_into(folder: Path, params: params_lib.Params, data: Path, model_dir: P
     """Write this rank's shards into `folder`; rank 0 adds the class prompts. Returns (counts, timing)."""
     runtime = params.runtime
     prepared = load_prepared(data)
-    preflight.check_against_data(params, prepared.images, prepared.captions is not None)
+    preflight.check_against_data(params, prepared)
     device = runtime.device
     if device == "auto" and torch.cuda.is_available() and world > 1:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"

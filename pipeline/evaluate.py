@@ -30,7 +30,7 @@ def main(
     everything = load_params(params_file)
     params = everything.evaluate
     prepared = load_prepared(data)
-    preflight.check_against_data(everything, prepared.images, prepared.captions is not None)
+    preflight.check_against_data(everything, prepared)
     images, image_emb = io.read_embeddings(embeddings / "images")
     texts, text_emb = io.read_embeddings(embeddings / "texts") if (embeddings / "texts").exists() else (None, None)
     if texts is not None:  # shards carry ids only; the caption text is in the prepared table

@@ -15,12 +15,15 @@ from __future__ import annotations
 import importlib.util
 import json
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import pandas as pd
 
 from pipeline.errors import ParamsError
 from pipeline.params import Params
+
+if TYPE_CHECKING:  # only for the annotation: prepare, which has no prepared tables yet, runs this module
+    from pipeline.prepared import Prepared
 
 PROJECT_CONFIGS = Path(__file__).parent / "models" / "configs"
 
@@ -82,7 +85,7 @@ def check_recall_k(params: Params, images: pd.DataFrame, has_captions: bool) -> 
         )
 
 
-def check_against_data(params: Params, images: pd.DataFrame, has_captions: bool) -> None:
-    """The checks that need the prepared images table (every stage after `prepare` has it)."""
-    check_probe_k(params, images)
-    check_recall_k(params, images, has_captions)
+def check_against_data(params: Params, prepared: "Prepared") -> None:
+    """The checks that need the prepared tables (every stage after `prepare` has them)."""
+    check_probe_k(params, prepared.images)
+    check_recall_k(params, prepared.images, prepared.captions is not None)

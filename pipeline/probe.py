@@ -18,7 +18,7 @@ import pandas as pd
 import typer
 
 from pipeline import io, preflight
-from pipeline.metrics.classification import zero_shot_scores
+from pipeline.metrics.classification import scores_among_present_classes
 from pipeline.metrics.probe import knn_probe, normalise, timed_features, topk_from_scores
 from pipeline.models import load_trained
 from pipeline.models.encode import encode_class_prompts, image_loader
@@ -40,7 +40,7 @@ def main(
     everything = load_params(params_file)
     params, runtime = everything.probe, everything.runtime
     prepared = load_prepared(data)
-    preflight.check_against_data(everything, prepared.images, prepared.captions is not None)
+    preflight.check_against_data(everything, prepared)
     loaded, model_info = load_trained(model_dir, runtime.device)
     images = prepared.images[prepared.images["label"].notna()]
     gallery = images[images["split"] == params.gallery_split]
@@ -86,10 +86,10 @@ def main(
             class_emb = encode_class_prompts(loaded, prepared.class_names, prepared.templates)
             query_features, encode_s = final or timed_features(probe_encoder(loaded, "final"), batches(queries), loaded.device)
             query_start = time.perf_counter()
-            present = np.unique(query_labels)  # the candidates, as in evaluate's zero-shot task
-            scores = zero_shot_scores(normalise(query_features), class_emb[present])
+            # The candidates are the classes present in the query split, as in evaluate's zero-shot task.
+            scores, columns, _ = scores_among_present_classes(normalise(query_features), class_emb, query_labels)
             query_s = time.perf_counter() - query_start
-            rows["zero_shot"] = {**topk_from_scores(scores, np.searchsorted(present, query_labels)), "dim": int(class_emb.shape[1])}
+            rows["zero_shot"] = {**topk_from_scores(scores, columns), "dim": int(class_emb.shape[1])}
             times["zero_shot"] = {"encode_ms": 1000 * encode_s / len(queries), "query_ms": 1000 * query_s / len(queries)}
         summary.update(n_gallery=len(gallery), n_queries=len(queries))
 

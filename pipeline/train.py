@@ -48,7 +48,7 @@ def main(
     start = time.perf_counter()
     params = load_params(params_file)
     prepared = load_prepared(data)
-    preflight.check_against_data(params, prepared.images, prepared.captions is not None)
+    preflight.check_against_data(params, prepared)
     seed_everything(params.train.seed)  # the initial weights of an untrained model depend on it
     loaded = models.create_model(params.model.name, params.model.pretrained, params.runtime.device)
     if params.train.method == "clip" and prepared.captions is None:

@@ -22,7 +22,7 @@ import gradio as gr  # noqa: E402
 import pandas as pd  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from pipeline.errors import DatasetError
+from pipeline.errors import DatasetError  # noqa: E402
 from pipeline.images import load_rgb  # noqa: E402
 from pipeline.predict import Predictor  # noqa: E402
 from pipeline.stage import USER_ERRORS  # noqa: E402

@@ -3,8 +3,9 @@
 A file a stage imports but does not declare is a change DVC cannot see (a stale cached output);
 a declared file it never imports reruns it for nothing. Imports are read from the source (every
 `import` statement, at module level or inside a function, since a function-level import runs
-when the stage calls it), with each package's `__init__.py` on the way, and module names written
-as strings (the dataset sources `prepare` imports with importlib) count too.
+when the stage calls it, but not under `if TYPE_CHECKING:`), with each package's `__init__.py` on
+the way, and module names written as strings (the dataset sources `prepare` imports with
+importlib) count too.
 """
 
 import ast
@@ -38,11 +39,23 @@ def _with_parents(name: str) -> list[str]:
     return [".".join(parts[: i + 1]) for i in range(len(parts))]
 
 
+def _runtime_nodes(tree: ast.AST):
+    """Every node, except what sits under `if TYPE_CHECKING:` (annotations only; never runs)."""
+    todo = [tree]
+    while todo:
+        node = todo.pop()
+        yield node
+        if isinstance(node, ast.If) and getattr(node.test, "id", getattr(node.test, "attr", None)) == "TYPE_CHECKING":
+            todo.extend(node.orelse)
+            continue
+        todo.extend(ast.iter_child_nodes(node))
+
+
 def _imported_names(path: Path) -> set[str]:
     module = ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
     names: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    for node in _runtime_nodes(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -114,6 +127,7 @@ def test_the_import_scan_sees_function_level_and_importlib_imports():
     assert "pipeline/datasets/cifar.py" in prepare  # importlib.import_module(SOURCES[...])
     assert "pipeline/retrieval/factory.py" in prepare  # imported inside preflight.check
     assert "pipeline/__init__.py" in prepare and "pipeline/retrieval/__init__.py" in prepare
+    assert "pipeline/prepared.py" not in prepare  # preflight names it under TYPE_CHECKING only
     train = stage_files("pipeline/train.py")
     assert "pipeline/models/heads.py" in train and "pipeline/models/probe.py" not in train
     assert not any(f.startswith("pipeline/datasets/") for f in train)  # reads data/prepared, not raw sources

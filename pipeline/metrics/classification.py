@@ -45,6 +45,13 @@ def zero_shot_scores(image_emb: np.ndarray, class_emb: np.ndarray) -> np.ndarray
     return dot_scores(image_emb, *distinct_rows(class_emb))
 
 
+def scores_among_present_classes(image_emb: np.ndarray, class_emb: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Zero-shot scores against the classes present in `labels` only: (scores, each label as a column
+    of them, the present classes' indices). A split holding 2 of 10 classes is a 2-way choice."""
+    present = np.unique(labels)
+    return zero_shot_scores(image_emb, class_emb[present]), np.searchsorted(present, labels), present
+
+
 def _checked(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     labels, scores = np.asarray(labels, dtype=np.int64), np.asarray(scores)
     if scores.ndim != 2 or labels.shape != (len(scores),):

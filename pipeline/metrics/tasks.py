@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.metrics import verification as verification_metrics
-from pipeline.metrics.classification import chance_top1, predicted_classes, top_k_accuracy, zero_shot_scores
+from pipeline.metrics.classification import chance_top1, predicted_classes, scores_among_present_classes, top_k_accuracy
 from pipeline.metrics.metric_learning import accuracy_at_r, self_excluded_neighbours
 from pipeline.metrics.retrieval import recall_at_k, recall_curve
 
@@ -37,11 +37,9 @@ def zero_shot(images: pd.DataFrame, image_emb: np.ndarray, class_emb: np.ndarray
     emb, labels = _labelled(images, image_emb, split)
     if len(labels) == 0:
         return TaskResult(skipped(f"no labelled images in the '{split}' split"))
-    present = np.unique(labels)
+    scores, local, present = scores_among_present_classes(emb, class_emb, labels)
     if len(present) < 2:
         return TaskResult(skipped(f"the '{split}' split holds {len(present)} class(es); zero-shot needs at least 2 to choose from"))
-    local = np.searchsorted(present, labels)  # label -> column among the candidate classes
-    scores = zero_shot_scores(emb, class_emb[present])
     predicted = present[predicted_classes(local, scores)]
     metrics = {
         **top_k_accuracy(local, scores, (1, 5)),
