@@ -2,7 +2,7 @@
 
 `params.yaml` holds one section per stage concern (data, model, train, index, probe, evaluate),
 which DVC tracks per stage (`dvc.yaml` declares the sections each stage reads), and `runtime`,
-how the stages run (device, workers, batch size, resume), which no stage declares, so changing it
+how the stages run (device, workers, batch size, processes, resume), which no stage declares, so changing it
 reruns nothing. Unknown keys and bad values are errors that name the key, e.g. `train.lr: ...`.
 """
 
@@ -209,6 +209,9 @@ class RuntimeParams(_Section):
     num_workers: int = Field(0, ge=0)
     # Images or texts per encoder call when embedding and probing (the probe times at this size).
     batch_size: int = Field(256, ge=1)
+    # Processes for train and embed: > 1 runs them under torchrun (one per GPU with NCCL, or CPU
+    # processes with gloo). Training batches are global (train.batch_size over all processes).
+    processes: int = Field(1, ge=1)
     # true: `train` saves its whole state after every epoch (artifacts/model.resume.pt), and a run
     # interrupted with the same params and data continues from it instead of starting over.
     resume: bool = False

@@ -64,6 +64,17 @@ def check(params: Params) -> None:
         check_factory_string(params.index.factory, dim, params.index.metric, params.index.search_params)
 
 
+def check_processes(processes: int, device: str) -> None:
+    """Under torchrun each process drives one GPU: there must be as many GPUs as processes."""
+    import torch  # only when a launch is asked for: params checks stay free of torch otherwise
+
+    on_gpu = device != "cpu" and torch.cuda.is_available()
+    if on_gpu and device.startswith("cuda:"):
+        raise ParamsError(f"runtime.device {device!r}: with runtime.processes {processes}, each process takes its own GPU; use 'auto' or 'cuda'")
+    if on_gpu and processes > torch.cuda.device_count():
+        raise ParamsError(f"runtime.processes: {processes} processes, but this machine has {torch.cuda.device_count()} GPUs (one process per GPU)")
+
+
 def check_probe_k(params: Params, images: pd.DataFrame) -> None:
     """probe.k neighbours must exist in the probe's gallery (labelled images of its gallery split)."""
     gallery = int(((images["split"] == params.probe.gallery_split) & images["label"].notna()).sum())

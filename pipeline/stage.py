@@ -1,10 +1,14 @@
 """What every stage script shares: a typer app, clean exits on user-facing errors, checked params,
-and where wall-clock times go."""
+a torchrun launch when `runtime.processes` asks for one, and where wall-clock times go."""
 
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Callable
 
@@ -31,12 +35,51 @@ def user_errors_exit_cleanly(func: Callable) -> Callable:
     return wrapper
 
 
-def stage_app(main: Callable) -> typer.Typer:
-    """A one-command typer app for a stage's `main`."""
+def stage_app(main: Callable, distributed: bool = False) -> typer.Typer:
+    """A one-command typer app for a stage's `main`; `distributed` stages run under torchrun when
+    `runtime.processes` > 1 (see `launched_under_torchrun`)."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
-    app.command()(user_errors_exit_cleanly(main))
+    command = main
+    if distributed:
+
+        @functools.wraps(main)
+        def command(**kwargs):
+            if not launched_under_torchrun(main, kwargs):
+                main(**kwargs)
+
+    app.command()(user_errors_exit_cleanly(command))
     return app
+
+
+def launched_under_torchrun(main: Callable, kwargs: dict) -> bool:
+    """With `runtime.processes` N > 1, run this stage again as N processes under torchrun and wait
+    for them; returns False when the stage should simply run here (N = 1, or already launched).
+
+    `dvc repro` thereby runs a stage on N GPUs (NCCL) or N CPU processes (gloo) with the same
+    command line: the process count lives in `runtime`, which no stage declares, so changing it
+    reruns nothing. One machine only (`--standalone`); for several, run torchrun on each
+    yourself (README, "Scaling out").
+    """
+    if "WORLD_SIZE" in os.environ:  # this is one of the launched processes
+        return False
+    runtime = params_lib.load(kwargs["params_file"]).runtime
+    processes = runtime.processes
+    if processes == 1:
+        return False
+    preflight.check_processes(processes, runtime.device)
+    module = main.__module__
+    if module == "__main__":  # `python -m pipeline.train`: the module's real name
+        module = sys.modules["__main__"].__spec__.name
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}", "-m", module]
+    for name, value in kwargs.items():
+        option = inspect.signature(main).parameters[name].default
+        command += [option.param_decls[0] if option.param_decls else "--" + name.replace("_", "-"), str(value)]
+    typer.echo(f"{module}: {processes} processes under torchrun")
+    exit_code = subprocess.run(command).returncode
+    if exit_code:
+        raise typer.Exit(code=exit_code)
+    return True
 
 
 # Inputs several stages read, declared once so their flags and help read the same everywhere.

@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 import typer
 
-from pipeline import io, models, preflight
+from pipeline import distributed, io, models, preflight
 from pipeline import params as params_lib
 from pipeline.prepared import load_prepared
 from pipeline.stage import DATA_OPTION, PARAMS_OPTION, load_params, stage_app, timing_option, write_timing
@@ -49,9 +49,10 @@ def main(
     params = load_params(params_file)
     prepared = load_prepared(data)
     preflight.check_against_data(params, prepared)
+    world = distributed.init(params.runtime.device)  # one process, or one of a torchrun launch
     seed_everything(params.train.seed)  # the initial weights of an untrained model depend on it
-    loaded = models.create_model(params.model.name, params.model.pretrained, params.runtime.device)
-    if params.train.method == "clip" and prepared.captions is None:
+    loaded = models.create_model(params.model.name, params.model.pretrained, distributed.rank_device(params.runtime.device, world))
+    if params.train.method == "clip" and prepared.captions is None and world.is_main:
         typer.echo(
             f"train clip: {prepared.info['source']} has no captions, so each image is paired with its class's "
             f"prompts ({len(prepared.templates)} templates x class name) as captions, as FLYP fine-tunes on class labels"
@@ -62,12 +63,13 @@ def main(
         # Weights as they are. A random init has no file to come back to, so it is saved.
         checkpoints = {} if loaded.pretrained != "none" else {"last.pt": {"model": loaded.model.state_dict()}}
         info["checkpoint"] = "last.pt" if checkpoints else None
-        val = validation_recall(loaded, prepared)
+        val = validation_recall(loaded, prepared) if world.is_main else None
         loss_rows = []
         val_rows = [] if val is None else [{"epoch": 0, **val}]
     else:
-        resume = Resume(resume_path(out), run_fingerprint(params, data), params.runtime.resume)
-        result = TRAINERS[params.train.method](loaded, prepared, params.train, resume, params.runtime.num_workers)
+        # Every rank resumes from the same state; rank 0 alone saves it.
+        resume = Resume(resume_path(out), run_fingerprint(params, data), params.runtime.resume, write=world.is_main)
+        result = TRAINERS[params.train.method](loaded, prepared, params.train, resume, params.runtime.num_workers, world)
         checkpoints = {"best.pt": result.best, "last.pt": result.last, **result.periodic}
         info.update(
             checkpoint="best.pt",
@@ -82,6 +84,9 @@ def main(
         info["head_dim"] = loaded.embed_dim
     # A projection head puts images in a space of their own: text prompts no longer compare.
     info["image_text_aligned"] = loaded.image_head is None
+    if not world.is_main:  # rank 0 writes the model, the curves and the timings
+        distributed.finish(world)
+        return
 
     with io.atomic_dir(out) as tmp:
         models.save_trained(tmp, loaded, info, checkpoints)
@@ -93,14 +98,17 @@ def main(
             pd.DataFrame(val_rows).to_csv(tmp / "val.csv", index=False)
     train_s = round(time.perf_counter() - start, 3)
     epoch_s = [row["epoch_s"] for row in loss_rows]
-    write_timing(timing, {"train_s": train_s, "epoch_s": epoch_s, "device": str(loaded.device), "num_workers": params.runtime.num_workers})
+    write_timing(
+        timing, {"train_s": train_s, "epoch_s": epoch_s, "device": str(loaded.device), "num_workers": params.runtime.num_workers, "processes": world.size}
+    )  # fmt: skip
     best = f", best epoch {info['best_epoch']}" if "best_epoch" in info else ""
     score = next((k for k in ("mean_recall", "map_at_r") if val_rows and k in val_rows[-1]), None)
     final = f", val {score} {val_rows[-1][score]:.3f}" if score else ""
     typer.echo(f"train {params.train.method}: {params.model.name}/{params.model.pretrained}{best}{final} in {train_s:.0f}s -> {out}")
+    distributed.finish(world)
 
 
-app = stage_app(main)
+app = stage_app(main, distributed=True)
 
 if __name__ == "__main__":
     app()

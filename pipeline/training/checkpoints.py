@@ -83,6 +83,7 @@ class Resume:
     path: Optional[Path] = None
     fingerprint: str = ""
     enabled: bool = False
+    write: bool = True  # False on the ranks of a torchrun launch other than 0: they load, never save
 
     def load(self) -> Optional[dict]:
         if not self.enabled or self.path is None or not self.path.exists():
@@ -97,7 +98,7 @@ class Resume:
         return state
 
     def save(self, **state) -> None:
-        if not self.enabled or self.path is None:
+        if not self.enabled or self.path is None or not self.write:
             return
         with io.atomic_path(self.path) as tmp:
             torch.save({"fingerprint": self.fingerprint, **state}, tmp)

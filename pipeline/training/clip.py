@@ -14,11 +14,12 @@ import numpy as np
 import pandas as pd
 import torch
 from open_clip.loss import ClipLoss
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler
 from tqdm import tqdm  # not tqdm.auto, whose asyncio class calls iter() twice: DataLoader workers would start twice
 
-from pipeline.prepared import Prepared
+from pipeline.distributed import RankShare, World, wrap_ddp
 from pipeline.images import load_rgb
+from pipeline.prepared import Prepared
 from pipeline.metrics import tasks
 from pipeline.metrics.retrieval import recall_at_k
 from pipeline.models import LoadedModel
@@ -95,7 +96,21 @@ def validation_recall(loaded: LoadedModel, prepared: Prepared, split: str = "val
     return row
 
 
-def train_clip(loaded: LoadedModel, prepared: Prepared, params: TrainParams, resume: Resume = Resume(), num_workers: int = 0) -> TrainResult:
+def clip_step_loss(model: torch.nn.Module, loss_fn: ClipLoss, image: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """The contrastive loss of one step; `model` may be the DDP replica, `loss_fn` gathers across ranks."""
+    with autocast(image.device):
+        image_features, text_features, logit_scale = model(image, tokens)[:3]
+        return loss_fn(image_features, text_features, logit_scale)
+
+
+def global_clip_loss(world: World) -> ClipLoss:
+    """open_clip's loss over the global batch: features of every rank gathered with their gradients."""
+    return ClipLoss(local_loss=False, gather_with_grad=True, rank=world.rank, world_size=world.size)
+
+
+def train_clip(
+    loaded: LoadedModel, prepared: Prepared, params: TrainParams, resume: Resume = Resume(), num_workers: int = 0, world: World = World()
+) -> TrainResult:
     seed_everything(params.seed)
     model, device = loaded.model, loaded.device
     images, captions = captions_by_image(prepared, "train")
@@ -103,19 +118,23 @@ def train_clip(loaded: LoadedModel, prepared: Prepared, params: TrainParams, res
         raise ValueError("train.method 'clip' needs a train split with captions or class labels; the prepared data has none")
     pairs = ImageCaptionPairs(prepared.image_paths(images), captions, loaded.tokenizer, loaded.preprocess_train, params.seed)
     batch_size = min(params.batch_size, len(pairs))
+    if batch_size % world.size:
+        raise ValueError(f"train.batch_size {batch_size} does not split evenly over {world.size} processes (runtime.processes)")
     shuffle = torch.Generator().manual_seed(params.seed)
+    # Global batches drawn in the main process, whatever the workers; a tiny last batch is dropped
+    # (it gives a noisy contrastive loss). Each rank loads its share of every batch.
+    batches = BatchSampler(RandomSampler(pairs, generator=shuffle), batch_size, drop_last=True)
     loader = DataLoader(
         pairs,
-        batch_size=batch_size,
-        shuffle=True,
-        drop_last=True,  # a tiny last batch gives a noisy contrastive loss
+        batch_sampler=RankShare(batches, world),
         num_workers=num_workers,
-        generator=shuffle,  # the order is drawn in the main process, whatever the workers
+        generator=shuffle,  # as DataLoader(shuffle=True) would: worker seeds come from it too
         persistent_workers=False,  # workers must see `pairs.epoch`, set before each epoch
     )
     optimizer = build_optimizer(param_groups(model, params.weight_decay), params.optimizer, params.lr)
     scheduler = cosine_with_warmup(optimizer, params.epochs * len(loader), params.warmup_fraction)
-    loss_fn = ClipLoss()
+    loss_fn = global_clip_loss(world)
+    replica = wrap_ddp(model, world)
 
     state = resume.load()
     if state is not None:
@@ -126,7 +145,7 @@ def train_clip(loaded: LoadedModel, prepared: Prepared, params: TrainParams, res
         result, best_score, has_val, first_epoch = result_from_state(state["result"]), state["best_score"], state["has_val"], state["epoch"] + 1
     else:
         result, best_score, first_epoch = TrainResult(best={}, last={}, best_epoch=0), -1.0, 1
-        val = validation_recall(loaded, prepared)
+        val = world.from_main(validation_recall(loaded, prepared) if world.is_main else None)
         has_val = val is not None
         if has_val:
             result.val_rows.append({"epoch": 0, **val})
@@ -137,11 +156,9 @@ def train_clip(loaded: LoadedModel, prepared: Prepared, params: TrainParams, res
         model.train()
         pairs.epoch = epoch
         start, losses = time.perf_counter(), []
-        for image, tokens in tqdm(loader, desc=f"epoch {epoch}/{params.epochs}", leave=False, disable=None):
+        for image, tokens in tqdm(loader, desc=f"epoch {epoch}/{params.epochs}", leave=False, disable=None if world.is_main else True):
             image, tokens = image.to(device, non_blocking=True), tokens.to(device, non_blocking=True)
-            with autocast(device):
-                image_features, text_features, logit_scale = model(image, tokens)[:3]
-                loss = loss_fn(image_features, text_features, logit_scale)
+            loss = clip_step_loss(replica, loss_fn, image, tokens)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -160,20 +177,22 @@ def train_clip(loaded: LoadedModel, prepared: Prepared, params: TrainParams, res
         )
         score = None
         if has_val and (epoch % params.val_every == 0 or epoch == params.epochs):
-            row = validation_recall(loaded, prepared)
+            # Rank 0 validates (the weights are the same on every rank); the others wait for its row.
+            row = world.from_main(validation_recall(loaded, prepared) if world.is_main else None)
             result.val_rows.append({"epoch": epoch, **row})
             score = ("mean_recall", row["mean_recall"])
             if row["mean_recall"] > best_score:
                 best_score, result.best_epoch = row["mean_recall"], epoch
-                result.best = snapshot(model, epoch)
-        epoch_line(epoch, params.epochs, result.loss_rows[-1]["loss"], time.perf_counter() - start, score)
-        if params.checkpoint_every and epoch % params.checkpoint_every == 0:
+                result.best = snapshot(model, epoch) if world.is_main else {}
+        if world.is_main:
+            epoch_line(epoch, params.epochs, result.loss_rows[-1]["loss"], time.perf_counter() - start, score)
+        if params.checkpoint_every and epoch % params.checkpoint_every == 0 and world.is_main:
             result.periodic[f"epoch-{epoch:04d}.pt"] = snapshot(model, epoch)
         resume.save(
             epoch=epoch, model=model.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
             rng=capture_rng({"shuffle": shuffle}, {}), result=result_state(result), best_score=best_score, has_val=has_val,
         )  # fmt: skip
-    result.last = snapshot(model, params.epochs)
+    result.last = snapshot(model, params.epochs) if world.is_main else {}
     if not has_val:
         result.best, result.best_epoch = result.last, params.epochs
     return result

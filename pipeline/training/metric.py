@@ -16,16 +16,17 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler
 from tqdm import tqdm  # not tqdm.auto, whose asyncio class calls iter() twice: DataLoader workers would start twice
 
-from pipeline.prepared import Prepared
+from pipeline.distributed import RankShare, World, gather_rows, wrap_ddp
 from pipeline.images import load_rgb
+from pipeline.prepared import Prepared
 from pipeline.metrics.metric_learning import accuracy_at_r, self_excluded_neighbours
 from pipeline.metrics.tasks import has_pairs
 from pipeline.metrics.verification import make_pairs
 from pipeline.models import LoadedModel
-from pipeline.models.encode import autocast, encode_image_batches, image_features, image_loader
+from pipeline.models.encode import autocast, encode_image_batches, image_loader
 from pipeline.models.heads import ProjectionHead, unfreeze_last_blocks
 from pipeline.params import TrainParams
 from pipeline.training.augment import PerSampleRandom, augmented
@@ -78,9 +79,37 @@ def labelled_split(prepared: Prepared, split: str, limit: Optional[int] = None, 
     return images.reset_index(drop=True)
 
 
-def embed(loaded: LoadedModel, images: torch.Tensor) -> torch.Tensor:
-    """L2-normalised embeddings with gradients (training); the head is applied when present."""
-    return F.normalize(image_features(loaded, images).float(), dim=-1)
+class ImageEmbedder(torch.nn.Module):
+    """L2-normalised image embeddings with gradients: the tower, through the head when there is one.
+
+    One module over both, so DDP can average the gradients of whatever part of it is trainable.
+    """
+
+    def __init__(self, loaded: LoadedModel):
+        super().__init__()
+        self.model, self.head = loaded.model, loaded.image_head
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        features = self.model.encode_image(images)
+        if self.head is not None:
+            features = self.head(features)
+        return F.normalize(features.float(), dim=-1)
+
+
+def siamese_step_loss(embedder: torch.nn.Module, a: torch.Tensor, b: torch.Tensor, same: torch.Tensor, margin: float, world: World = World()) -> torch.Tensor:
+    """Contrastive loss over the global batch of pairs (every rank's pair distances gathered)."""
+    both = embedder(torch.cat([a, b]))  # one forward pass for both sides
+    distances = pair_distance(both[: len(a)], both[len(a) :])
+    return contrastive_loss(gather_rows(distances, world), gather_rows(same.float(), world), margin)
+
+
+def triplet_step_loss(
+    embedder: torch.nn.Module, pixels: torch.Tensor, labels: torch.Tensor, mining: str, margin: float, world: World = World()
+) -> torch.Tensor:
+    """Triplets mined within the global batch: every rank's embeddings and labels gathered first."""
+    embeddings, labels = gather_rows(embedder(pixels), world), gather_rows(labels, world)
+    anchors, positives, negatives = mine_triplets(embeddings.detach(), labels, mining, margin)
+    return triplet_margin_loss(embeddings, anchors, positives, negatives, margin)
 
 
 class Validator:
@@ -140,7 +169,7 @@ def _run_epochs(
     params: TrainParams,
     epochs: range,
     make_batches: Callable[[int], DataLoader],
-    step_loss: Callable[[tuple], torch.Tensor],
+    step_loss: Callable[[torch.nn.Module, tuple], torch.Tensor],
     optimizer: torch.optim.Optimizer,
     total_steps: int,
     validator: Validator,
@@ -149,11 +178,13 @@ def _run_epochs(
     set_train_mode: Callable[[], None],
     run: "RunState",
     phase: str = "train",
+    world: World = World(),
 ) -> bool:
     """Shared epoch loop; returns False when early stopping ended training.
 
-    After each epoch the whole state goes to `run.resume`; `run.state`, when it was saved in this
-    phase, continues the loop after its epoch.
+    `step_loss(embedder, batch)` gets the image embedder (its DDP replica under torchrun, wrapped
+    here because each phase trains other parameters). After each epoch the whole state goes to
+    `run.resume`; `run.state`, when it was saved in this phase, continues the loop after its epoch.
     """
     scheduler = cosine_with_warmup(optimizer, total_steps, params.warmup_fraction)
     if result.stopped_early_at is not None:  # resumed from the epoch that stopped the run
@@ -163,12 +194,13 @@ def _run_epochs(
         scheduler.load_state_dict(run.state["scheduler"])
         epochs = range(run.state["epoch"] + 1, epochs.stop)
     trainable = [p for group in optimizer.param_groups for p in group["params"]]
+    embedder = wrap_ddp(ImageEmbedder(loaded), world)
     for epoch in epochs:
         set_train_mode()
         start, losses = time.perf_counter(), []
-        for batch in tqdm(make_batches(epoch), desc=f"epoch {epoch}/{params.epochs}", leave=False, disable=None):
+        for batch in tqdm(make_batches(epoch), desc=f"epoch {epoch}/{params.epochs}", leave=False, disable=None if world.is_main else True):
             with autocast(loaded.device):
-                loss = step_loss(batch)
+                loss = step_loss(embedder, batch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(trainable, 5.0)
@@ -179,15 +211,17 @@ def _run_epochs(
         row["epoch_s"] = round(time.perf_counter() - start, 3)
         score = None
         if validator.usable and (epoch % params.val_every == 0 or epoch == params.epochs):
-            val = validator()
+            # Rank 0 validates (the weights are the same on every rank); the others wait for its row.
+            val = world.from_main(validator() if world.is_main else None)
             row["val_loss"] = val["val_loss"]
             result.val_rows.append({"epoch": epoch, **val})
             score = ("map_at_r", val["map_at_r"])
             if stopper.improved(val["val_loss"]):
-                result.best, result.best_epoch = snapshot(loaded.model, epoch, loaded.image_head), epoch
-        epoch_line(epoch, params.epochs, row["loss"], time.perf_counter() - start, score)
+                result.best, result.best_epoch = _snapshot_on_main(loaded, epoch, world), epoch
+        if world.is_main:
+            epoch_line(epoch, params.epochs, row["loss"], time.perf_counter() - start, score)
         result.loss_rows.append(row)
-        if params.checkpoint_every and epoch % params.checkpoint_every == 0:
+        if params.checkpoint_every and epoch % params.checkpoint_every == 0 and world.is_main:
             result.periodic[f"epoch-{epoch:04d}.pt"] = snapshot(loaded.model, epoch, loaded.image_head)
         if stopper.should_stop:
             result.stopped_early_at = epoch
@@ -225,8 +259,13 @@ class RunState:
         )  # fmt: skip
 
 
-def _finish(loaded: LoadedModel, params: TrainParams, result: TrainResult, validator: Validator, last_epoch: int) -> TrainResult:
-    result.last = snapshot(loaded.model, last_epoch, loaded.image_head)
+def _snapshot_on_main(loaded: LoadedModel, epoch: int, world: World) -> dict:
+    """Rank 0 keeps the checkpoints it will write; the other ranks keep no copy of the weights."""
+    return snapshot(loaded.model, epoch, loaded.image_head) if world.is_main else {}
+
+
+def _finish(loaded: LoadedModel, params: TrainParams, result: TrainResult, validator: Validator, last_epoch: int, world: World) -> TrainResult:
+    result.last = _snapshot_on_main(loaded, last_epoch, world)
     if not validator.usable:
         result.notes.append("no usable val split (needs 2+ labelled classes): the best checkpoint is the last one")
         result.best, result.best_epoch = result.last, last_epoch
@@ -240,7 +279,9 @@ def _training_images(prepared: Prepared) -> pd.DataFrame:
     return images
 
 
-def train_siamese(loaded: LoadedModel, prepared: Prepared, params: TrainParams, resume: Resume = Resume(), num_workers: int = 0) -> TrainResult:
+def train_siamese(
+    loaded: LoadedModel, prepared: Prepared, params: TrainParams, resume: Resume = Resume(), num_workers: int = 0, world: World = World()
+) -> TrainResult:
     seed_everything(params.seed)
     model, device, cfg = loaded.model, loaded.device, params.siamese
     images = _training_images(prepared)
@@ -261,30 +302,30 @@ def train_siamese(loaded: LoadedModel, prepared: Prepared, params: TrainParams, 
     def make_batches(epoch: int) -> DataLoader:
         first, second, same = sample_pairs(labels, cfg.samples_per_class, cfg.positive_ratio, rng)
         random.epoch = epoch
-        return DataLoader(
-            ImagePairs(paths, first, second, same, transform, random),
-            batch_size=params.batch_size,
-            shuffle=True,
-            num_workers=num_workers,
-            generator=torch.Generator().manual_seed(params.seed + epoch),
-        )
+        pairs = ImagePairs(paths, first, second, same, transform, random)
+        shuffle = torch.Generator().manual_seed(params.seed + epoch)
+        batches = BatchSampler(RandomSampler(pairs, generator=shuffle), params.batch_size, drop_last=False)
+        # generator: as DataLoader(shuffle=True) would, worker seeds come from it too
+        return DataLoader(pairs, batch_sampler=RankShare(batches, world), num_workers=num_workers, generator=shuffle)
 
-    def step_loss(batch) -> torch.Tensor:
+    def step_loss(embedder, batch) -> torch.Tensor:
         a, b, same = (t.to(device, non_blocking=True) for t in batch)
-        both = embed(loaded, torch.cat([a, b]))  # one forward pass for both sides
-        return contrastive_loss(pair_distance(both[: len(a)], both[len(a) :]), same.float(), cfg.margin)
+        return siamese_step_loss(embedder, a, b, same, cfg.margin, world)
 
     validator = Validator(loaded, prepared, params)
     stopper = EarlyStopping(params.patience, params.min_delta)
     run = RunState(resume, {"pairs": rng})
     result = run.restore(loaded, stopper)
     finished = _run_epochs(
-        loaded, params, range(1, params.epochs + 1), make_batches, step_loss, optimizer, steps, validator, stopper, result, model.train, run
-    )
-    return _finish(loaded, params, result, validator, params.epochs if finished else result.stopped_early_at)
+        loaded, params, range(1, params.epochs + 1), make_batches, step_loss, optimizer, steps, validator, stopper, result, model.train, run,
+        world=world,
+    )  # fmt: skip
+    return _finish(loaded, params, result, validator, params.epochs if finished else result.stopped_early_at, world)
 
 
-def train_triplet(loaded: LoadedModel, prepared: Prepared, params: TrainParams, resume: Resume = Resume(), num_workers: int = 0) -> TrainResult:
+def train_triplet(
+    loaded: LoadedModel, prepared: Prepared, params: TrainParams, resume: Resume = Resume(), num_workers: int = 0, world: World = World()
+) -> TrainResult:
     seed_everything(params.seed)
     model, device, cfg = loaded.model, loaded.device, params.triplet
     images = _training_images(prepared)
@@ -298,13 +339,11 @@ def train_triplet(loaded: LoadedModel, prepared: Prepared, params: TrainParams, 
     def make_batches(epoch: int) -> DataLoader:
         sampler.set_epoch(epoch)
         dataset.random.epoch = epoch
-        return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers)
+        return DataLoader(dataset, batch_sampler=RankShare(sampler, world), num_workers=num_workers)
 
-    def step_loss(batch) -> torch.Tensor:
+    def step_loss(embedder, batch) -> torch.Tensor:
         pixels, batch_labels = batch[0].to(device, non_blocking=True), batch[1].to(device)
-        emb = embed(loaded, pixels)
-        anchors, positives, negatives = mine_triplets(emb.detach(), batch_labels, cfg.mining, cfg.margin)
-        return triplet_margin_loss(emb, anchors, positives, negatives, cfg.margin)
+        return triplet_step_loss(embedder, pixels, batch_labels, cfg.mining, cfg.margin, world)
 
     def train_mode() -> None:
         # Frozen blocks stay in eval mode, so their batch-norm statistics do not drift.
@@ -328,10 +367,10 @@ def train_triplet(loaded: LoadedModel, prepared: Prepared, params: TrainParams, 
         optimizer = build_optimizer([head_group], params.optimizer, params.lr)
         finished = _run_epochs(
             loaded, params, range(1, head_epochs + 1), make_batches, step_loss, optimizer, steps_per_epoch * head_epochs,
-            validator, stopper, result, train_mode, run, phase="head",
+            validator, stopper, result, train_mode, run, phase="head", world=world,
         )
         if not finished:
-            return _finish(loaded, params, result, validator, result.stopped_early_at)
+            return _finish(loaded, params, result, validator, result.stopped_early_at, world)
     # Stage 2: the last N blocks too, at a lower learning rate.
     if params.epochs > head_epochs:
         tail_params, tail_modules = unfreeze_last_blocks(model.visual, cfg.unfreeze_blocks)
@@ -341,8 +380,8 @@ def train_triplet(loaded: LoadedModel, prepared: Prepared, params: TrainParams, 
         optimizer = build_optimizer(groups, params.optimizer, params.lr)
         finished = _run_epochs(
             loaded, params, range(head_epochs + 1, params.epochs + 1), make_batches, step_loss, optimizer,
-            steps_per_epoch * (params.epochs - head_epochs), validator, stopper, result, train_mode, run, phase="tail",
+            steps_per_epoch * (params.epochs - head_epochs), validator, stopper, result, train_mode, run, phase="tail", world=world,
         )
         last_epoch = params.epochs if finished else result.stopped_early_at
     result.notes.append(f"triplet: {head_epochs} head-only epochs, then the last {cfg.unfreeze_blocks} tower blocks at lr x {cfg.backbone_lr_scale}")
-    return _finish(loaded, params, result, validator, last_epoch)
+    return _finish(loaded, params, result, validator, last_epoch, world)
