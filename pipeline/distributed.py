@@ -15,6 +15,7 @@ global batch (tests/test_distributed.py).
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Sequence
@@ -22,6 +23,8 @@ from typing import Any, Iterable, Iterator, Sequence
 import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -161,4 +164,6 @@ def wrap_ddp(module: torch.nn.Module, world: World) -> torch.nn.Module:
     if device.type == "cuda":
         module = torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)
         return torch.nn.parallel.DistributedDataParallel(module, device_ids=[device.index])
+    if world.is_main and any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in module.modules()):
+        log.warning("batch norm on CPU under %d processes normalises each process's share of the batch, not the global batch", world.size)
     return torch.nn.parallel.DistributedDataParallel(module)

@@ -108,6 +108,7 @@ def test_runtime_settings_rerun_nothing(project):
     _set(params_file, "runtime", "num_workers", 2)
     _set(params_file, "runtime", "batch_size", 3)
     _set(params_file, "runtime", "resume", True)
+    _set(params_file, "runtime", "processes", 2)
     try:
         assert json.loads(_dvc(project, "status", "--json")) == {}
     finally:
