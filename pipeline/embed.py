@@ -5,68 +5,43 @@
     classes.parquet             index, name, embedding (template ensemble, encoded once)
     embed.json                  which model made them, counts (timings: reports/timing/embed.json)
 
-One process writes shard 0. Under `torchrun --nproc_per_node N -m pipeline.embed`, rank r
-embeds rows r, r+N, ... and writes shard r into one temporary folder; rank 0 writes the class
-prompts and embed.json, and swaps the folder in when every rank is done, so the output folder is
-always complete (a killed launch leaves the previous one).
+One process writes shard 0. Under torchrun (`runtime.processes: N`, or `torchrun --nproc_per_node N
+-m pipeline.embed`), rank r embeds the r-th of N contiguous blocks of rows (whole tar shards for a
+WebDataset source, so each rank opens only its own) and writes shard r into one temporary folder,
+so the shards concatenate to the one-process order; rank 0 writes the class prompts and
+embed.json, and swaps the folder in when every rank is done, so the output folder is always
+complete (a killed launch leaves the previous one).
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 import time
 from pathlib import Path
 
 import pandas as pd
-import torch
 import typer
 
-from pipeline import io, preflight
+from pipeline import distributed, io, preflight
 from pipeline import params as params_lib
 from pipeline.models import load_trained
 from pipeline.models.encode import encode_class_prompts, encode_images, encode_texts
-from pipeline.prepared import load_prepared
+from pipeline.prepared import block, load_prepared, rows_for_rank
 from pipeline.stage import DATA_OPTION, MODEL_OPTION, PARAMS_OPTION, load_params, stage_app, timing_option, write_timing
 
 IMAGE_META = ["image_id", "path", "split", "label", "class_name"]
 TEXT_META = ["caption_id", "image_id", "split"]
 
 
-def _distributed() -> tuple[int, int]:
-    """(rank, world size); joins the process group when launched by torchrun."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return int(os.environ.get("RANK", "0")), world
-
-
-def _from_rank0(value, world: int):
-    """Rank 0's `value`, on every rank."""
-    if world == 1:
-        return value
-    shared = [value]
-    torch.distributed.broadcast_object_list(shared, src=0)
-    return shared[0]
-
-
-def _barrier(world: int) -> None:
-    if world > 1:
-        torch.distributed.barrier()
-
-
-def embed_into(folder: Path, params: params_lib.Params, data: Path, model_dir: Path, rank: int, world: int) -> tuple[dict, dict]:
+def embed_into(folder: Path, params: params_lib.Params, data: Path, model_dir: Path, world: distributed.World) -> tuple[dict, dict]:
     """Write this rank's shards into `folder`; rank 0 adds the class prompts. Returns (counts, timing)."""
     runtime = params.runtime
     prepared = load_prepared(data)
     preflight.check_against_data(params, prepared)
-    device = runtime.device
-    if device == "auto" and torch.cuda.is_available() and world > 1:
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
-    loaded, model_info = load_trained(model_dir, device)
-    shard = f"part-{rank:05d}.parquet"
+    loaded, model_info = load_trained(model_dir, distributed.rank_device(runtime.device, world))
+    shard = f"part-{world.rank:05d}.parquet"
 
-    images = prepared.images.iloc[rank::world]
+    images = rows_for_rank(prepared, world.rank, world.size)  # WebDataset: whole shards per rank
     image_start = time.perf_counter()
     image_emb = encode_images(loaded, prepared.image_paths(images), runtime.batch_size, runtime.num_workers)
     image_s = time.perf_counter() - image_start
@@ -74,12 +49,12 @@ def embed_into(folder: Path, params: params_lib.Params, data: Path, model_dir: P
 
     n_texts = 0
     if prepared.captions is not None:
-        captions = prepared.captions.iloc[rank::world]
+        captions = block(prepared.captions, world.rank, world.size)
         text_emb = encode_texts(loaded, captions["caption"].tolist(), runtime.batch_size)
         io.write_embedding_shard(folder / "texts" / shard, captions[TEXT_META], text_emb)
         n_texts = len(captions)
 
-    if rank == 0:
+    if world.is_main:
         class_emb = encode_class_prompts(loaded, prepared.class_names, prepared.templates)
         classes = pd.DataFrame({"index": [c["index"] for c in prepared.classes], "name": prepared.class_names})
         io.write_embedding_shard(folder / "classes.parquet", classes, class_emb)
@@ -102,30 +77,26 @@ def main(
 ) -> None:
     start = time.perf_counter()
     params = load_params(params_file)
-    rank, world = _distributed()
+    world = distributed.init(params.runtime.device)
     # Every rank writes its shards into one temporary folder that rank 0 made; rank 0 swaps it in
     # for `out` only after all ranks are done, so a killed launch leaves the old embeddings whole.
     with contextlib.ExitStack() as swap_in_at_exit:
-        tmp = swap_in_at_exit.enter_context(io.atomic_dir(out)) if rank == 0 else None
-        folder = Path(_from_rank0(str(tmp) if rank == 0 else None, world))
-        info, speed = embed_into(folder, params, data, model_dir, rank, world)
-        if world > 1:
-            totals = [None] * world
-            torch.distributed.all_gather_object(totals, info)
-            info = {**info, "n_images": sum(t["n_images"] for t in totals), "n_texts": sum(t["n_texts"] for t in totals)}
-        if rank == 0:
+        tmp = swap_in_at_exit.enter_context(io.atomic_dir(out)) if world.is_main else None
+        folder = Path(world.from_main(str(tmp) if world.is_main else None))
+        info, speed = embed_into(folder, params, data, model_dir, world)
+        totals = world.all_objects(info)
+        info = {**info, "n_images": sum(t["n_images"] for t in totals), "n_texts": sum(t["n_texts"] for t in totals)}
+        if world.is_main:
             # How many processes wrote the shards is not recorded here: it changes speed, not content.
             io.write_json(folder / "embed.json", info)
-        _barrier(world)  # every shard is written before rank 0 swaps the folder in
-    if world > 1:
-        _barrier(world)
-        torch.distributed.destroy_process_group()
-    if rank == 0:
-        write_timing(timing, {"embed_s": round(time.perf_counter() - start, 3), **speed, "world_size": world})
+        world.barrier()  # every shard is written before rank 0 swaps the folder in
+    distributed.finish(world)
+    if world.is_main:
+        write_timing(timing, {"embed_s": round(time.perf_counter() - start, 3), **speed, "world_size": world.size})
         typer.echo(f"embedded {info['n_images']} images, {info['n_texts']} texts ({speed['images_per_s']} images/s on {speed['device']}) -> {out}")
 
 
-app = stage_app(main)
+app = stage_app(main, distributed=True)
 
 if __name__ == "__main__":
     app()

@@ -7,8 +7,12 @@ not rerun it.
 
 from __future__ import annotations
 
+import io
+import tarfile
+from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 from PIL import Image
 
@@ -17,16 +21,82 @@ from pipeline.errors import DatasetError
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
-def check_image(path: Path, max_pixels: Optional[int] = None) -> Optional[str]:
-    """Return why the file is not a usable image, or None when it decodes completely.
+@dataclass(frozen=True)
+class TarMember:
+    """An image inside an uncompressed tar shard (WebDataset), read by the byte range `prepare`
+    recorded, so no stage extracts files or scans the tar. Picklable like a path, for DataLoader
+    workers."""
+
+    shard: str  # the tar file
+    member: str  # the member's name in the tar: the sample's key and an extension, e.g. 000123.jpg
+    offset: int  # where the member's data starts in the tar
+    size: int  # bytes
+
+    def __str__(self) -> str:
+        return f"{self.shard}:{self.member}"  # what an error names: the shard, and the key in the member's name
+
+    def read(self) -> bytes:
+        with open(self.shard, "rb") as f:
+            f.seek(self.offset)
+            data = f.read(self.size)
+        if len(data) != self.size:
+            raise EOFError(f"the shard ends {self.size - len(data)} bytes before the end of member {self.member} (truncated shard)")
+        return data
+
+
+ImageRef = Union[str, Path, TarMember]
+
+
+def tar_member_at(path: Path) -> Optional[TarMember]:
+    """`<shard>.tar/<member>` (the `path` of a WebDataset row, joined to its root) as a TarMember;
+    None when no parent folder of `path` is a tar file. For callers that have only a path (the
+    report's example figures, the gallery); the stages get TarMembers from `Prepared.image_paths`."""
+    for shard in path.parents:
+        if shard.suffix == ".tar" and shard.is_file():
+            stat = shard.stat()
+            name = path.relative_to(shard).as_posix()
+            found = _tar_index(str(shard), stat.st_mtime_ns, stat.st_size).get(name)
+            return None if found is None else TarMember(str(shard), name, *found)
+    return None
+
+
+@lru_cache(maxsize=8)
+def _tar_index(shard: str, mtime_ns: int, size: int) -> dict[str, tuple[int, int]]:
+    """member name -> (data offset, size): one pass over the headers (mtime and size key the cache)."""
+    try:
+        with tarfile.open(shard, "r:") as tar:
+            return {m.name: (m.offset_data, m.size) for m in tar if m.isreg()}
+    except tarfile.TarError as err:
+        raise DatasetError(f"{shard}: not a readable uncompressed tar file ({err})") from None
+
+
+class _MemberBytes(io.BytesIO):
+    """A tar member's bytes, whose repr (in PIL's "cannot identify image file ...") names the
+    member instead of a memory address, so rejection records are the same on every run."""
+
+    def __init__(self, member: TarMember):
+        super().__init__(member.read())
+        self.member = str(member)
+
+    def __repr__(self) -> str:
+        return repr(self.member)
+
+
+def _source(ref: ImageRef):
+    """What PIL opens: the file itself, or a tar member's bytes."""
+    return _MemberBytes(ref) if isinstance(ref, TarMember) else ref
+
+
+def check_image(path: Path | TarMember, max_pixels: Optional[int] = None) -> Optional[str]:
+    """Return why the file (or tar member) is not a usable image, or None when it decodes completely.
 
     The size limit is checked from the header, before any pixel is decoded, so a
     decompression bomb costs nothing.
     """
     try:
-        if path.stat().st_size == 0:
+        if (path.size if isinstance(path, TarMember) else path.stat().st_size) == 0:
             return "empty file (0 bytes)"
-        with Image.open(path) as img:
+        with Image.open(_source(path)) as img:
             width, height = img.size
             if max_pixels is not None and width * height > max_pixels:
                 return f"{width}x{height} = {width * height:,} pixels, over data.max_image_pixels ({max_pixels:,})"
@@ -50,12 +120,17 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def load_rgb(path: str | Path) -> Image.Image:
-    """Open an image as RGB, with an error that names the file when it cannot be read."""
+def load_rgb(path: ImageRef) -> Image.Image:
+    """Open an image (a file, a TarMember, or a `<shard>.tar/<member>` path) as RGB, with an error
+    that names the file (the shard and member) when it cannot be read."""
     try:
-        with Image.open(path) as img:
+        with Image.open(_source(path)) as img:
             return to_rgb(img)
-    except FileNotFoundError:
-        raise DatasetError(f"{path}: image file not found") from None
+    except (FileNotFoundError, NotADirectoryError) as err:
+        member = None if isinstance(path, TarMember) else tar_member_at(Path(path))
+        if member is not None:
+            return load_rgb(member)
+        reason = "image file not found" if isinstance(err, FileNotFoundError) else f"not a readable image ({type(err).__name__}: {err})"
+        raise DatasetError(f"{path}: {reason}") from None
     except Exception as err:  # PIL raises many types for corrupt data
         raise DatasetError(f"{path}: not a readable image ({type(err).__name__}: {err})") from None

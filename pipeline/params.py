@@ -46,11 +46,13 @@ class SplitRatios(_Section):
 
 
 class DataParams(_Section):
-    source: Literal["synthetic", "imagenet", "flickr8k", "cifar10", "folder"] = "synthetic"
+    source: Literal["synthetic", "imagenet", "flickr8k", "cifar10", "folder", "webdataset"] = "synthetic"
     # Where the raw dataset lives (ignored by `synthetic`). Relative paths are from the project root.
+    # webdataset: a folder of .tar shards, one shard, or a brace pattern (`shards/{00000..00099}.tar`).
     root: Optional[str] = None
     seed: int = 0
-    # Used where the source has no official split (folder, imagenet val, synthetic).
+    # Used where the source has no official split (folder, imagenet val, synthetic, webdataset:
+    # by a seeded hash of each sample's key, so adding shards never moves a sample).
     splits: SplitRatios = SplitRatios()
     # image: every class is in every split (classification). class: the ratios apply to classes,
     # so test identities never appear in training (re-identification). folder and synthetic only.

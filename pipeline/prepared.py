@@ -10,9 +10,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import pandas as pd
 
 from pipeline import io
+from pipeline.images import TarMember
 
 
 @dataclass
@@ -27,13 +29,40 @@ class Prepared:
     image_root: Path
     info: dict
 
-    def image_paths(self, images: Optional[pd.DataFrame] = None) -> list[Path]:
+    def image_paths(self, images: Optional[pd.DataFrame] = None) -> list[Path | TarMember]:
+        """What `load_rgb` reads for each row: its file under `image_root`, or, for a WebDataset row
+        (a manifest with shard, member, offset and size), its byte range in the tar shard."""
         images = self.images if images is None else images
-        return [self.image_root / p for p in images["path"]]
+        if not {"shard", "member", "offset", "size"} <= set(images.columns):
+            return [self.image_root / p for p in images["path"]]
+        return [
+            TarMember(str(self.image_root / shard), member, int(offset), int(size))
+            for shard, member, offset, size in zip(images["shard"], images["member"], images["offset"], images["size"])
+        ]
 
     @property
     def class_names(self) -> list[str]:
         return [c["name"] for c in self.classes]
+
+
+def block(frame: pd.DataFrame, rank: int, world: int) -> pd.DataFrame:
+    """Rows [rank*n//world, (rank+1)*n//world): the ranks' blocks concatenate to the table in order."""
+    n = len(frame)
+    return frame.iloc[rank * n // world : (rank + 1) * n // world]
+
+
+def rows_for_rank(prepared: Prepared, rank: int, world: int) -> pd.DataFrame:
+    """The image rows that rank `rank` of `world` processes reads (embeds).
+
+    The contiguous block of `block`; for WebDataset rows whole shards instead, so that each rank
+    opens only its own shards: a shard goes to the rank whose block holds its first row. The ranks
+    still get contiguous runs of rows in table order, none more than one shard over n/world.
+    """
+    images = prepared.images
+    if "shard" not in images.columns or images.empty:
+        return block(images, rank, world)
+    first_row = pd.Series(np.arange(len(images))).groupby(images["shard"].to_numpy()).transform("min").to_numpy()
+    return images[first_row * world // len(images) == rank]
 
 
 def load_prepared(root: str | Path = "data/prepared") -> Prepared:

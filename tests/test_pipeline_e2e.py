@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import yaml
 
@@ -187,7 +188,8 @@ def test_train_param_reruns_train_and_downstream_not_prepare(project):
 
 
 def test_torchrun_shards_embed_and_match_one_process(project, tmp_path):
-    """Two ranks (CPU, gloo) write one shard each; together they equal the single-process run."""
+    """Two ranks (CPU, gloo) write one shard each, contiguous blocks of rows: concatenated, they are
+    the single-process run's rows in its order."""
     from pipeline import io
 
     out = tmp_path / "embeddings"
@@ -197,6 +199,5 @@ def test_torchrun_shards_embed_and_match_one_process(project, tmp_path):
     assert json.loads(timing.read_text())["world_size"] == 2
     single_meta, single = io.read_embeddings(project / "artifacts/embeddings/images")
     sharded_meta, sharded = io.read_embeddings(out / "images")
-    order = sharded_meta.set_index("image_id").index.get_indexer(single_meta["image_id"])
-    assert (order >= 0).all() and len(order) == len(sharded)
-    assert np.allclose(single, sharded[order], atol=1e-6)
+    pd.testing.assert_frame_equal(sharded_meta, single_meta)
+    assert np.allclose(single, sharded, atol=1e-6)

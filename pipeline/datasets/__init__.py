@@ -2,7 +2,7 @@
 
 `prepare(params, out_dir)` dispatches to one module per source and writes, atomically:
 
-    out_dir/images.parquet     one row per image (see base.IMAGE_COLUMNS)
+    out_dir/images.parquet     one row per image (see base.IMAGE_COLUMNS; WebDataset adds base.TAR_COLUMNS)
     out_dir/captions.parquet   one row per caption, when the source has captions
     out_dir/classes.json       ordered classes + prompt templates
     out_dir/rejected.parquet   path, kind (image | annotation | note), reason: what was left out
@@ -30,6 +30,7 @@ SOURCES = {
     "flickr8k": "pipeline.datasets.flickr8k",
     "cifar10": "pipeline.datasets.cifar",
     "folder": "pipeline.datasets.folder",
+    "webdataset": "pipeline.datasets.webdataset_shards",
 }
 
 __all__ = ["DatasetError", "prepare", "SOURCES"]

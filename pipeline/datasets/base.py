@@ -25,6 +25,9 @@ from pipeline.images import check_image
 from pipeline.params import SPLITS, DataParams, SplitRatios
 
 IMAGE_COLUMNS = ["image_id", "path", "split", "label", "class_name"]
+# A WebDataset manifest's extra columns: where each image lies in its tar shard (shard relative to
+# `image_root`, the sample's key, the member's name, its data's byte offset and size).
+TAR_COLUMNS = ["shard", "key", "member", "offset", "size"]
 CAPTION_COLUMNS = ["caption_id", "image_id", "caption", "split"]
 
 # Generic prompts for sources that do not bring their own (CLIP's short ensemble).
@@ -43,7 +46,8 @@ class Rejections:
     """Bad images and annotation lines: an error, or a recorded rejection when the params say skip.
 
     Each record is {path, kind (image | annotation | note), reason}; `path` is the file, or
-    `file:line` for a line. Notes are benign quirks of a dataset, recorded but never fatal.
+    `file:line` for a line, or `shard:key` for a WebDataset sample (`shard:member` for its image).
+    Notes are benign quirks of a dataset, recorded but never fatal.
     """
 
     on_bad_image: str = "fail"
@@ -93,12 +97,17 @@ def normalise_images(images: pd.DataFrame) -> pd.DataFrame:
     missing = [c for c in IMAGE_COLUMNS if c not in images.columns]
     if missing:
         raise ValueError(f"images table lacks columns {missing}")
-    out = images[IMAGE_COLUMNS].reset_index(drop=True).copy()
+    tar = [c for c in TAR_COLUMNS if c in images.columns]
+    if tar and tar != TAR_COLUMNS:
+        raise ValueError(f"images table has some of the tar manifest columns {TAR_COLUMNS} but not all: {tar}")
+    out = images[IMAGE_COLUMNS + tar].reset_index(drop=True).copy()
     out["image_id"] = out["image_id"].astype(str)
     out["path"] = out["path"].astype(str)
     out["split"] = out["split"].astype(str)
     out["label"] = out["label"].astype("Int64")
     out["class_name"] = out["class_name"].astype("string")
+    if tar:
+        out = out.astype({"shard": str, "key": str, "member": str, "offset": "int64", "size": "int64"})
     return out
 
 
