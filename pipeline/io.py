@@ -153,20 +153,50 @@ def write_embedding_shard(path: str | os.PathLike, meta: pd.DataFrame, embedding
         pq.write_table(embeddings_table(meta, embeddings), tmp)
 
 
-def read_embeddings(path: str | os.PathLike) -> tuple[pd.DataFrame, np.ndarray]:
-    """Read one Parquet file or a folder of shards; returns (metadata, float32 matrix)."""
+def embedding_files(path: str | os.PathLike) -> list[Path]:
+    """One Parquet file, or a folder's part-*.parquet shards in rank order."""
     path = Path(path)
     if path.is_dir():
         files = sorted(path.glob("part-*.parquet"))
         if not files:
             raise FileNotFoundError(f"{path}: no part-*.parquet shards; run `dvc repro embed`")
-    elif path.exists():
-        files = [path]
-    else:
-        raise FileNotFoundError(f"{path}: not found; run `dvc repro embed`")
+        return files
+    if path.exists():
+        return [path]
+    raise FileNotFoundError(f"{path}: not found; run `dvc repro embed`")
+
+
+def read_embeddings(path: str | os.PathLike) -> tuple[pd.DataFrame, np.ndarray]:
+    """Read one Parquet file or a folder of shards; returns (metadata, float32 matrix)."""
+    files = embedding_files(path)
     table = pa.concat_tables(pq.read_table(f) for f in files)
     column = table.column("embedding").combine_chunks()
     dim = column.type.list_size
     matrix = column.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, dim)
     meta = table.drop_columns(["embedding"]).to_pandas()
     return meta, matrix
+
+
+def iter_embeddings(
+    path: str | os.PathLike, batch_rows: int = 2048, with_vectors: bool = True
+) -> Iterator[tuple[pd.DataFrame, np.ndarray | None]]:
+    """`read_embeddings` chunk by chunk, in its row order: (metadata, float32 matrix) of at most
+    `batch_rows` rows, one Parquet record batch at a time, so a folder larger than memory can be read.
+
+    `with_vectors=False` reads the metadata columns only (the matrix is None), a whole shard at a
+    time: they are small, and come out as `read_embeddings` gives them (Arrow-backed columns in one
+    piece per row group, which decides the bytes of a Parquet file written from them).
+    """
+    files = embedding_files(path)
+    for file in files:
+        # Stream each column chunk through a small buffer; by default (pre-buffered) a shard's whole
+        # row group, up to 1Mi rows as `pq.write_table` writes them, is read at once whatever `batch_rows`.
+        shard = pq.ParquetFile(file, buffer_size=1 << 20, pre_buffer=False)
+        meta_columns = [name for name in shard.schema_arrow.names if name != "embedding"]
+        if not with_vectors:
+            yield shard.read(columns=meta_columns).to_pandas(), None
+            continue
+        for batch in shard.iter_batches(batch_size=batch_rows):
+            column = batch.column("embedding")
+            vectors = column.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, column.type.list_size)
+            yield batch.select(meta_columns).to_pandas(), vectors

@@ -139,10 +139,14 @@ class TrainParams(_Section):
 
 
 class IndexParams(_Section):
-    # A FAISS index_factory string: Flat, HNSW32, IVF64,Flat, IVF64,PQ8, ...
+    # A FAISS index_factory string (Flat, HNSW32, IVF64,Flat, IVF64,PQ8, ...), or `auto`: the
+    # `index` stage picks one by the gallery's size and dimension (pipeline.retrieval.factory.
+    # choose_factory) and records it, with why, in index.json.
     factory: str = "HNSW32"
     metric: Literal["ip", "l2"] = "ip"
-    # FAISS ParameterSpace string applied at search time, e.g. "efSearch=64" or "nprobe=8".
+    # FAISS ParameterSpace string applied at search time, e.g. "efSearch=64" or "nprobe=8". With
+    # `factory: auto`, "" uses auto's own settings for the index it chose; a setting given here
+    # replaces auto's of the same name, and must apply to the chosen index.
     search_params: str = "efSearch=64"
     gallery_splits: list[Literal["train", "val", "test"]] = ["train", "val", "test"]
     query_split: Literal["train", "val", "test"] = "test"
@@ -153,6 +157,13 @@ class IndexParams(_Section):
     def _non_empty(cls, value: list[str]) -> list[str]:
         if not value:
             raise ValueError("needs at least one split")
+        return value
+
+    @field_validator("factory")
+    @classmethod
+    def _auto_in_lower_case(cls, value: str) -> str:
+        if value.strip().lower() == "auto" and value != "auto":
+            raise ValueError("write `auto` (lower case, no spaces) to let the index stage choose")
         return value
 
 

@@ -59,9 +59,12 @@ def check(params: Params) -> None:
     config = check_model_name(params.model.name)
     dim = index_dimension(params, config)
     if dim is not None:
-        from pipeline.retrieval.factory import check_factory_string  # faiss only here, not for every params load
+        from pipeline.retrieval import factory  # faiss only here, not for every params load
 
-        check_factory_string(params.index.factory, dim, params.index.metric, params.index.search_params)
+        if params.index.factory == factory.AUTO:  # the index is chosen by the gallery's size, known in `index`
+            factory.check_auto_search_params(params.index.search_params, dim, params.index.metric)
+        else:
+            factory.check_factory_string(params.index.factory, dim, params.index.metric, params.index.search_params)
 
 
 def check_processes(processes: int, device: str) -> None:

@@ -3,7 +3,8 @@
 Folder layout (artifacts/index/):
     index.faiss    the index
     ids.parquet    row -> image_id, path, split, label, class_name
-    index.json     factory, metric, size, dimension, recall@10 vs exact search (times: reports/timing/index.json)
+    index.json     factory (and, for `auto`, the one chosen and why), metric, search params, size,
+                   dimension, recall@10 vs exact search (times: reports/timing/index.json)
 """
 
 from __future__ import annotations
@@ -12,34 +13,94 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Iterable, Iterator
 
 import faiss
 import numpy as np
 import pandas as pd
+from faiss.contrib.exhaustive_search import knn_ground_truth
 
 from pipeline import io
 from pipeline.errors import IndexBuildError  # noqa: F401 (callers import it from here too)
-from pipeline.retrieval.factory import METRICS, apply_search_params, check_factory_string, check_lists_fit
+from pipeline.retrieval.factory import MAX_TRAIN_POINTS, METRICS, apply_search_params, check_factory_string, check_lists_fit
 
 logger = logging.getLogger(__name__)
-MAX_TRAIN_POINTS = 200_000  # IVF/PQ quantisers train on a sample; more adds time, not quality
+ADD_CHUNK_ROWS = 65_536  # vectors go into the index this many at a time, however they are sharded
+MAX_QUALITY_QUERIES = 10_000  # ann_quality's queries: enough for a recall to 2 decimals, cheap to search exactly
 
+Chunks = Callable[[], Iterable[np.ndarray]]  # reads the gallery's vectors again, in order, chunk by chunk
 
 
 def build(vectors: np.ndarray, factory: str, metric: str = "ip", seed: int = 0) -> tuple[faiss.Index, float]:
     """Build (and train, where the factory needs it) an index over `vectors`; returns (index, seconds)."""
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-    n, dim = vectors.shape
+    return build_from_chunks(lambda: [vectors], len(vectors), vectors.shape[1], factory, metric, seed)
+
+
+def build_from_chunks(chunks: Chunks, n: int, dim: int, factory: str, metric: str = "ip", seed: int = 0) -> tuple[faiss.Index, float]:
+    """`build` over vectors read chunk by chunk: `chunks()` yields the `n` vectors of `dim`, in order,
+    each time it is called (once to sample the training points, once to add them all).
+
+    Holds the index, one chunk and the training sample, never all vectors. Vectors are added
+    ADD_CHUNK_ROWS at a time whatever the chunks' sizes, so the index does not depend on how the
+    vectors were sharded (an HNSW graph depends on how they are split into `add` calls).
+    """
     check_lists_fit(factory, n)
     start = time.perf_counter()
     check_factory_string(factory, dim, metric)
     index = faiss.index_factory(dim, factory, METRICS[metric])
     if not index.is_trained:
-        rng = np.random.default_rng(seed)
-        sample = vectors if n <= MAX_TRAIN_POINTS else vectors[rng.choice(n, MAX_TRAIN_POINTS, replace=False)]
-        index.train(sample)
-    index.add(vectors)
+        index.train(train_sample(chunks, n, dim, seed))
+    added = 0
+    for block in fixed_size(chunks(), ADD_CHUNK_ROWS):
+        index.add(block)
+        added += len(block)
+    if added != n:
+        raise ValueError(f"expected {n} vectors, the chunks held {added}")
     return index, time.perf_counter() - start
+
+
+def train_sample(chunks: Chunks, n: int, dim: int, seed: int = 0) -> np.ndarray:
+    """Every vector when there are at most MAX_TRAIN_POINTS, else a seeded sample of that many, in
+    the order `default_rng(seed).choice` draws them (as indexing the whole matrix with it would)."""
+    if n <= MAX_TRAIN_POINTS:
+        return next(fixed_size(chunks(), n))  # all of them, in one array
+    chosen = np.random.default_rng(seed).choice(n, MAX_TRAIN_POINTS, replace=False)
+    order = np.argsort(chosen)
+    rows = chosen[order]
+    sample = np.empty((MAX_TRAIN_POINTS, dim), dtype=np.float32)
+    start = 0
+    for chunk in chunks():
+        lo, hi = np.searchsorted(rows, [start, start + len(chunk)])
+        sample[order[lo:hi]] = chunk[rows[lo:hi] - start]
+        start += len(chunk)
+    return sample
+
+
+def fixed_size(chunks: Iterable[np.ndarray], rows: int) -> Iterator[np.ndarray]:
+    """The same vectors as contiguous float32 blocks of exactly `rows` rows (the last may be shorter).
+
+    Every block is the same buffer, refilled: use each (`index.add` copies it) before taking the
+    next. Memory then holds one block and one chunk, whatever the number of blocks.
+    """
+    block, filled = None, 0
+    for chunk in chunks:
+        chunk = _float32(chunk)
+        while len(chunk):
+            if block is None:
+                block = np.empty((rows, chunk.shape[1]), dtype=np.float32)
+            take = min(rows - filled, len(chunk))
+            block[filled : filled + take] = chunk[:take]
+            filled, chunk = filled + take, chunk[take:]
+            if filled == rows:
+                yield block
+                filled = 0
+    if filled:
+        yield block[:filled]
+
+
+def _float32(vectors: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(vectors, dtype=np.float32)
 
 
 def search(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -48,24 +109,39 @@ def search(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray,
     return index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
 
 
-def ann_quality(index: faiss.Index, vectors: np.ndarray, queries: np.ndarray, metric: str, k: int = 10) -> dict:
-    """Recall@k of the index against exact search over the same vectors, and queries per second.
+def exact_neighbours(vectors: np.ndarray | Iterable[np.ndarray], queries: np.ndarray, metric: str, k: int) -> np.ndarray:
+    """Rows of the exact top k of each query over `vectors` (a matrix, or chunks of one in order),
+    found chunk by chunk (faiss.contrib's knn_ground_truth, on the CPU so the result never depends
+    on a GPU's rounding)."""
+    chunks = [vectors] if isinstance(vectors, np.ndarray) else vectors
+    # Fixed-size blocks, as `build_from_chunks` adds them: the result does not depend on the sharding.
+    # (A last block shorter than k is padded with the worst scores, which never outrank k real ones: k <= n.)
+    _, rows = knn_ground_truth(_float32(queries), fixed_size(chunks, ADD_CHUNK_ROWS), k, metric_type=METRICS[metric], ngpu=0)
+    return rows
+
+
+def ann_quality(index: faiss.Index, vectors: np.ndarray | Iterable[np.ndarray], queries: np.ndarray, metric: str, k: int = 10) -> dict:
+    """Recall@k of the index against exact search over the same vectors (the matrix, or its chunks
+    in order: the whole gallery is never needed at once), and queries per second.
 
     Recall here is |ANN top-k ∩ exact top-k| / k: how much of the true neighbourhood the index finds.
     """
-    exact = faiss.IndexFlat(vectors.shape[1], METRICS[metric])
-    exact.add(np.ascontiguousarray(vectors, dtype=np.float32))
-    k_used = min(k, len(vectors))  # a gallery smaller than k is searched whole
-    _, truth = exact.search(np.ascontiguousarray(queries, dtype=np.float32), k_used)
+    k_used = min(k, index.ntotal)  # a gallery smaller than k is searched whole
+    truth = exact_neighbours(vectors, queries, metric, k_used)
     start = time.perf_counter()
     _, found = search(index, queries, k_used)
     elapsed = time.perf_counter() - start
-    hits = [len(set(f[f >= 0]) & set(t)) for f, t in zip(found, truth)]
     return {
-        f"recall@{k}": float(np.sum(hits) / (k_used * len(queries))),
+        f"recall@{k}": recall(found, truth),
         "qps": round(len(queries) / elapsed, 1) if elapsed > 0 else None,
         "n_queries": int(len(queries)),
     }
+
+
+def recall(found: np.ndarray, truth: np.ndarray) -> float:
+    """Mean over queries of |found ∩ truth| / k, for (queries, k) arrays of rows (-1: none found)."""
+    hits = [len(set(f[f >= 0]) & set(t)) for f, t in zip(found, truth)]
+    return float(np.sum(hits) / truth.size)
 
 
 def stored_vectors(index: faiss.Index) -> np.ndarray:
@@ -108,7 +184,7 @@ class LoadedIndex:
         if (rows < 0).any():
             logger.warning(
                 "the %s index returned fewer than the %d results asked for; answering by exact search over its %d vectors",
-                self.info.get("factory", "approximate"), rows.shape[1], self.index.ntotal,
+                self.info.get("factory_chosen", self.info.get("factory", "approximate")), rows.shape[1], self.index.ntotal,
             )  # fmt: skip
             scores, rows = exact_search(self.index, queries, k)
         results = []
