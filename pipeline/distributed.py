@@ -18,7 +18,7 @@ import datetime
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -55,6 +55,11 @@ class World:
         shared = [value]
         dist.broadcast_object_list(shared, src=0)
         return shared[0]
+
+    def on_main(self, compute: Callable[[], Any]) -> Any:
+        """`compute()` run on rank 0 alone, its result on every rank (e.g. validation, whose
+        numbers every rank needs to agree on the best checkpoint and early stopping)."""
+        return self.from_main(compute() if self.is_main else None)
 
     def all_objects(self, value: Any) -> list:
         """Every rank's `value`, in rank order."""

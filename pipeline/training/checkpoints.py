@@ -30,6 +30,12 @@ def snapshot(model: torch.nn.Module, epoch: int, head: Optional[torch.nn.Module]
     return state
 
 
+def snapshot_on_main(world, model: torch.nn.Module, epoch: int, head: Optional[torch.nn.Module] = None) -> dict:
+    """`snapshot` on rank 0, which writes the checkpoints; the other ranks of a torchrun launch
+    (`pipeline.distributed.World`) keep no copy of the weights."""
+    return snapshot(model, epoch, head) if world.is_main else {}
+
+
 @dataclass
 class TrainResult:
     best: dict

@@ -26,7 +26,7 @@ from pipeline.models import LoadedModel
 from pipeline.models.encode import autocast, encode_image_batches, encode_texts, image_loader
 from pipeline.params import TrainParams
 from pipeline.training.augment import PerSampleRandom
-from pipeline.training.checkpoints import Resume, TrainResult, capture_rng, restore_rng, result_from_state, result_state, snapshot
+from pipeline.training.checkpoints import Resume, TrainResult, capture_rng, restore_rng, result_from_state, result_state, snapshot, snapshot_on_main
 from pipeline.training.optim import build_optimizer, cosine_with_warmup, param_groups, seed_everything
 from pipeline.training.progress import epoch_line
 
@@ -145,7 +145,7 @@ def train_clip(
         result, best_score, has_val, first_epoch = result_from_state(state["result"]), state["best_score"], state["has_val"], state["epoch"] + 1
     else:
         result, best_score, first_epoch = TrainResult(best={}, last={}, best_epoch=0), -1.0, 1
-        val = world.from_main(validation_recall(loaded, prepared) if world.is_main else None)
+        val = world.on_main(lambda: validation_recall(loaded, prepared))
         has_val = val is not None
         if has_val:
             result.val_rows.append({"epoch": 0, **val})
@@ -178,12 +178,12 @@ def train_clip(
         score = None
         if has_val and (epoch % params.val_every == 0 or epoch == params.epochs):
             # Rank 0 validates (the weights are the same on every rank); the others wait for its row.
-            row = world.from_main(validation_recall(loaded, prepared) if world.is_main else None)
+            row = world.on_main(lambda: validation_recall(loaded, prepared))
             result.val_rows.append({"epoch": epoch, **row})
             score = ("mean_recall", row["mean_recall"])
             if row["mean_recall"] > best_score:
                 best_score, result.best_epoch = row["mean_recall"], epoch
-                result.best = snapshot(model, epoch) if world.is_main else {}
+                result.best = snapshot_on_main(world, model, epoch)
         if world.is_main:
             epoch_line(epoch, params.epochs, result.loss_rows[-1]["loss"], time.perf_counter() - start, score)
         if params.checkpoint_every and epoch % params.checkpoint_every == 0 and world.is_main:
@@ -192,7 +192,7 @@ def train_clip(
             epoch=epoch, model=model.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
             rng=capture_rng({"shuffle": shuffle}, {}), result=result_state(result), best_score=best_score, has_val=has_val,
         )  # fmt: skip
-    result.last = snapshot(model, params.epochs) if world.is_main else {}
+    result.last = snapshot_on_main(world, model, params.epochs)
     if not has_val:
         result.best, result.best_epoch = result.last, params.epochs
     return result

@@ -30,7 +30,7 @@ from pipeline.models.encode import autocast, encode_image_batches, image_loader
 from pipeline.models.heads import ProjectionHead, unfreeze_last_blocks
 from pipeline.params import TrainParams
 from pipeline.training.augment import PerSampleRandom, augmented
-from pipeline.training.checkpoints import Resume, TrainResult, capture_rng, restore_rng, result_from_state, result_state, snapshot
+from pipeline.training.checkpoints import Resume, TrainResult, capture_rng, restore_rng, result_from_state, result_state, snapshot, snapshot_on_main
 from pipeline.training.losses import all_triplets_loss, contrastive_loss, pair_distance, triplet_margin_loss
 from pipeline.training.miners import mine_triplets
 from pipeline.training.optim import build_optimizer, cosine_with_warmup, seed_everything
@@ -212,12 +212,12 @@ def _run_epochs(
         score = None
         if validator.usable and (epoch % params.val_every == 0 or epoch == params.epochs):
             # Rank 0 validates (the weights are the same on every rank); the others wait for its row.
-            val = world.from_main(validator() if world.is_main else None)
+            val = world.on_main(validator)
             row["val_loss"] = val["val_loss"]
             result.val_rows.append({"epoch": epoch, **val})
             score = ("map_at_r", val["map_at_r"])
             if stopper.improved(val["val_loss"]):
-                result.best, result.best_epoch = _snapshot_on_main(loaded, epoch, world), epoch
+                result.best, result.best_epoch = snapshot_on_main(world, loaded.model, epoch, loaded.image_head), epoch
         if world.is_main:
             epoch_line(epoch, params.epochs, row["loss"], time.perf_counter() - start, score)
         result.loss_rows.append(row)
@@ -259,13 +259,8 @@ class RunState:
         )  # fmt: skip
 
 
-def _snapshot_on_main(loaded: LoadedModel, epoch: int, world: World) -> dict:
-    """Rank 0 keeps the checkpoints it will write; the other ranks keep no copy of the weights."""
-    return snapshot(loaded.model, epoch, loaded.image_head) if world.is_main else {}
-
-
 def _finish(loaded: LoadedModel, params: TrainParams, result: TrainResult, validator: Validator, last_epoch: int, world: World) -> TrainResult:
-    result.last = _snapshot_on_main(loaded, last_epoch, world)
+    result.last = snapshot_on_main(world, loaded.model, last_epoch, loaded.image_head)
     if not validator.usable:
         result.notes.append("no usable val split (needs 2+ labelled classes): the best checkpoint is the last one")
         result.best, result.best_epoch = result.last, last_epoch
