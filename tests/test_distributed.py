@@ -144,3 +144,29 @@ def test_two_process_triplet_training_mines_the_global_batch_as_one_process(data
     (loss_1, val_1), (loss_2, val_2) = curves[1], curves[2]
     pd.testing.assert_frame_equal(loss_1, loss_2, rtol=2e-3)
     pd.testing.assert_series_equal(val_1["val_loss"], val_2["val_loss"], rtol=2e-3)
+
+
+def test_a_clip_batch_that_does_not_split_over_the_processes_is_refused(data):
+    """Checked before any collective call, so one process standing in for rank 0 of 3 shows it."""
+    from pipeline import models
+    from pipeline.distributed import World
+    from pipeline.params import TrainParams
+    from pipeline.prepared import load_prepared
+    from pipeline.training.clip import train_clip
+
+    loaded = models.create_model("clipline-tiny", "none", "cpu")
+    with pytest.raises(ValueError, match=r"train.batch_size 8 does not split evenly over 3 processes \(runtime.processes\)"):
+        train_clip(loaded, load_prepared(data), TrainParams(method="clip", epochs=1, batch_size=8), world=World(rank=0, size=3))
+
+
+@pytest.mark.parametrize("processes, device, gpus, words", [(4, "auto", 2, "4 processes, but this machine has 2 GPUs"), (2, "cuda:1", 2, "each process takes its own GPU")])
+def test_a_launch_the_gpus_cannot_serve_is_refused(monkeypatch, processes, device, gpus, words):
+    from pipeline import preflight
+    from pipeline.errors import ParamsError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    with pytest.raises(ParamsError, match=words):
+        preflight.check_processes(processes, device)
+    preflight.check_processes(gpus, "auto")  # one process per GPU is fine
+    preflight.check_processes(processes, "cpu")  # CPU processes need no GPU
