@@ -29,6 +29,9 @@ class _Section(BaseModel):
 class SyntheticParams(_Section):
     n_classes: int = Field(8, ge=2, le=12)
     images_per_class: int = Field(150, ge=4)
+    # Drawn after the others and put in the test split only (of the test classes, when
+    # split_by: class): a test set large enough to compare runs, with the same train and val sets.
+    extra_test_per_class: int = Field(50, ge=0)
     image_size: int = Field(64, ge=16, le=512)
 
 

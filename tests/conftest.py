@@ -12,7 +12,7 @@ from pipeline.predict import Predictor
 
 runner = CliRunner()
 TINY = {
-    "data": {"synthetic": {"n_classes": 4, "images_per_class": 8}, "splits": {"train": 0.5, "val": 0.25, "test": 0.25}},
+    "data": {"synthetic": {"n_classes": 4, "images_per_class": 8, "extra_test_per_class": 0}, "splits": {"train": 0.5, "val": 0.25, "test": 0.25}},
     "train": {"method": "none"},
     "index": {"factory": "Flat", "search_params": ""},
     "evaluate": {"n_examples": 1, "recall_k": [1, 5]},  # the test split has 8 images

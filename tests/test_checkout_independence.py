@@ -18,7 +18,7 @@ from pipeline import params
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENT = [
     "model.name=ViT-B-32", "model.pretrained=none", "train.epochs=1", "train.method=siamese",
-    "data.synthetic.images_per_class=20", "index.factory=IVF4,Flat", "index.search_params=nprobe=2",
+    "data.synthetic.images_per_class=20", "data.synthetic.extra_test_per_class=0", "index.factory=IVF4,Flat", "index.search_params=nprobe=2",
     "evaluate.recall_k=[1,50]", "probe.points=[pixels,6,final]", "runtime.batch_size=7",
 ]  # fmt: skip
 # Every test module that reads a file of the project rather than one it made itself. The end-to-end

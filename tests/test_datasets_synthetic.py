@@ -10,7 +10,7 @@ from pipeline.params import DataParams, SplitRatios
 
 
 def _params(**overrides):
-    base = {"synthetic": {"n_classes": 4, "images_per_class": 10, "image_size": 32}}
+    base = {"synthetic": {"n_classes": 4, "images_per_class": 10, "extra_test_per_class": 0, "image_size": 32}}
     return DataParams(**{**base, **overrides})
 
 
@@ -34,11 +34,32 @@ def test_captions_carry_more_than_the_class(tmp_path):
 
 
 def test_class_split_keeps_identities_out_of_training(tmp_path):
-    params = _params(split_by="class", splits=SplitRatios(train=0.5, val=0.25, test=0.25), synthetic={"n_classes": 12, "images_per_class": 4, "image_size": 32})
+    params = _params(split_by="class", splits=SplitRatios(train=0.5, val=0.25, test=0.25), synthetic={"n_classes": 12, "images_per_class": 4, "extra_test_per_class": 0, "image_size": 32})
     prepare(params, tmp_path / "out")
     images = load_prepared(tmp_path / "out").images
     classes = images.groupby("split")["label"].apply(set)
     assert len(classes["train"]) == 6 and len(classes["val"]) == 3 and len(classes["test"]) == 3
     assert not (classes["train"] & classes["test"]) and not (classes["train"] & classes["val"]) and not (classes["val"] & classes["test"])
     assert sorted(images["class_name"].unique()) == sorted(SHAPES)
+    assert np.all(images.groupby("label")["split"].nunique() == 1)
+
+
+def test_extra_test_images_enlarge_test_only(tmp_path):
+    plain = prepare(_params(), tmp_path / "plain").images
+    extended = prepare(_params(synthetic={"n_classes": 4, "images_per_class": 10, "extra_test_per_class": 6, "image_size": 32}), tmp_path / "more").images
+    # Train and val are the same images, pixel for pixel, with the same splits.
+    for split in ("train", "val"):
+        a, b = plain[plain["split"] == split], extended[extended["split"] == split]
+        pd.testing.assert_frame_equal(a.reset_index(drop=True), b.reset_index(drop=True))
+        assert all((tmp_path / "plain" / p).read_bytes() == (tmp_path / "more" / p).read_bytes() for p in a["path"])
+    per_class = lambda images: images[images["split"] == "test"].groupby("label").size()  # noqa: E731
+    assert (per_class(extended) == per_class(plain) + 6).all()
+
+
+def test_extra_test_images_go_to_test_classes_only_in_a_class_split(tmp_path):
+    synthetic = {"n_classes": 12, "images_per_class": 4, "extra_test_per_class": 5, "image_size": 32}
+    params = _params(split_by="class", splits=SplitRatios(train=0.5, val=0.25, test=0.25), synthetic=synthetic)
+    images = prepare(params, tmp_path / "out").images
+    sizes = images.groupby(["split", "label"]).size()
+    assert (sizes["test"] == 9).all() and (sizes["train"] == 4).all() and (sizes["val"] == 4).all()
     assert np.all(images.groupby("label")["split"].nunique() == 1)

@@ -51,7 +51,7 @@ def test_a_ddp_step_equals_one_process_on_the_global_batch(tmp_path):
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     out = tmp_path_factory.mktemp("distributed") / "prepared"
-    prepare(DataParams(synthetic={"n_classes": 4, "images_per_class": 8}, splits={"train": 0.5, "val": 0.25, "test": 0.25}), out)
+    prepare(DataParams(synthetic={"n_classes": 4, "images_per_class": 8, "extra_test_per_class": 0}, splits={"train": 0.5, "val": 0.25, "test": 0.25}), out)
     return out
 
 

@@ -16,7 +16,7 @@ from pipeline.params import Params
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = {
-    "data": {"synthetic": {"n_classes": 4, "images_per_class": 15}, "splits": {"train": 0.6, "val": 0.2, "test": 0.2}},
+    "data": {"synthetic": {"n_classes": 4, "images_per_class": 15, "extra_test_per_class": 0}, "splits": {"train": 0.6, "val": 0.2, "test": 0.2}},
     "train": {"epochs": 2, "batch_size": 16},
     "index": {"factory": "Flat", "search_params": ""},
     "evaluate": {"n_examples": 2},

@@ -9,7 +9,7 @@ from pipeline.params import DataParams
 
 def test_one_line_per_epoch_and_a_word_on_class_prompts_as_captions(tmp_path, capsys):
     data = tmp_path / "prepared"
-    prepare(DataParams(synthetic={"n_classes": 3, "images_per_class": 8}, splits={"train": 0.5, "val": 0.25, "test": 0.25}), data)
+    prepare(DataParams(synthetic={"n_classes": 3, "images_per_class": 8, "extra_test_per_class": 0}, splits={"train": 0.5, "val": 0.25, "test": 0.25}), data)
     (data / "captions.parquet").unlink()  # a caption-less source, as class folders are
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump({"train": {"method": "clip", "epochs": 2, "batch_size": 4}, "evaluate": {"recall_k": [1]}}))

@@ -14,7 +14,7 @@ from pipeline.training.metric import train_siamese, train_triplet
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
     out = tmp_path_factory.mktemp("prepared")
-    prepare(DataParams(synthetic={"n_classes": 4, "images_per_class": 8, "image_size": 32}, splits={"train": 0.5, "val": 0.25, "test": 0.25}), out)
+    prepare(DataParams(synthetic={"n_classes": 4, "images_per_class": 8, "extra_test_per_class": 0, "image_size": 32}, splits={"train": 0.5, "val": 0.25, "test": 0.25}), out)
     return load_prepared(out)
 
 

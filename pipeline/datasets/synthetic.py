@@ -108,34 +108,46 @@ def prepare(params: DataParams, out_dir: Path) -> PreparedDataset:
     image_dir.mkdir(parents=True, exist_ok=True)
 
     images, captions = [], []
+
+    def draw(label: int, shape: str, k: int) -> None:
+        colour = rng.choice(list(COLOURS))
+        background = rng.choice(list(BACKGROUNDS))
+        size = rng.choice(list(SIZES))
+        position = rng.choice(list(POSITIONS))
+        # Small jitter so no two images of one attribute combination are pixel-identical.
+        px, py = POSITIONS[position]
+        cx = (px + rng.uniform(-0.04, 0.04)) * side
+        cy = (py + rng.uniform(-0.04, 0.04)) * side
+        r = SIZES[size] * side * rng.uniform(0.9, 1.1)
+        image_id = f"{shape}_{k:05d}"
+        path = f"images/synthetic/{image_id}.png"
+        draw_shape(shape, COLOURS[colour], BACKGROUNDS[background], side, cx, cy, r).save(out_dir / path)
+        images.append({"image_id": image_id, "path": path, "label": label, "class_name": shape})
+        words = {
+            "shape": shape,
+            "colour": colour,
+            "a_colour": ("an " if colour[0] in "aeiou" else "a ") + colour,
+            "background": background,
+            "size": size,
+            "where": POSITION_PHRASES[position],
+        }
+        for n, template in enumerate(CAPTION_TEMPLATES):
+            captions.append({"caption_id": f"{image_id}#{n}", "image_id": image_id, "caption": template.format(**words)})
+
     for label, shape in enumerate(shapes):
         for k in range(cfg.images_per_class):
-            colour = rng.choice(list(COLOURS))
-            background = rng.choice(list(BACKGROUNDS))
-            size = rng.choice(list(SIZES))
-            position = rng.choice(list(POSITIONS))
-            # Small jitter so no two images of one attribute combination are pixel-identical.
-            px, py = POSITIONS[position]
-            cx = (px + rng.uniform(-0.04, 0.04)) * side
-            cy = (py + rng.uniform(-0.04, 0.04)) * side
-            r = SIZES[size] * side * rng.uniform(0.9, 1.1)
-            image_id = f"{shape}_{k:05d}"
-            path = f"images/synthetic/{image_id}.png"
-            draw_shape(shape, COLOURS[colour], BACKGROUNDS[background], side, cx, cy, r).save(out_dir / path)
-            images.append({"image_id": image_id, "path": path, "label": label, "class_name": shape})
-            words = {
-                "shape": shape,
-                "colour": colour,
-                "a_colour": ("an " if colour[0] in "aeiou" else "a ") + colour,
-                "background": background,
-                "size": size,
-                "where": POSITION_PHRASES[position],
-            }
-            for n, template in enumerate(CAPTION_TEMPLATES):
-                captions.append({"caption_id": f"{image_id}#{n}", "image_id": image_id, "caption": template.format(**words)})
+            draw(label, shape, k)
+    split = list(split_images([row["label"] for row in images], params))
+    # The extra test images come after every other draw, so the train and val images (and their
+    # splits) are those of the same params without them.
+    test_classes = sorted({row["label"] for row, s in zip(images, split) if s == "test"})
+    for label in test_classes:
+        for k in range(cfg.images_per_class, cfg.images_per_class + cfg.extra_test_per_class):
+            draw(label, shapes[label], k)
+    split += ["test"] * (len(images) - len(split))
 
     images = pd.DataFrame(images)
-    images["split"] = split_images(images["label"], params)
+    images["split"] = split
     captions = pd.DataFrame(captions).merge(images[["image_id", "split"]], on="image_id")
     return PreparedDataset(
         source="synthetic",

@@ -51,12 +51,12 @@ def test_a_killed_stage_keeps_the_previous_output_and_the_rerun_completes(tmp_pa
     out = tmp_path / "data" / "prepared"
     prepare = [sys.executable, "-m", "pipeline.prepare", "--params", str(params), "--out", str(out), "--timing", str(tmp_path / "timing.json")]
 
-    params.write_text(yaml.safe_dump({"data": {"synthetic": {"n_classes": 3, "images_per_class": 10}}}))
+    params.write_text(yaml.safe_dump({"data": {"synthetic": {"n_classes": 3, "images_per_class": 10, "extra_test_per_class": 0}}}))
     subprocess.run(prepare, check=True, capture_output=True)
     before = load_prepared(out).images
 
     # A bigger dataset takes seconds to draw: kill it while it writes.
-    params.write_text(yaml.safe_dump({"data": {"synthetic": {"n_classes": 8, "images_per_class": 300}}}))
+    params.write_text(yaml.safe_dump({"data": {"synthetic": {"n_classes": 8, "images_per_class": 300, "extra_test_per_class": 0}}}))
     process = subprocess.Popen(prepare, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
     while not list((tmp_path / "data").glob(".prepared.*.tmp")):  # wait until it writes (imports take seconds)

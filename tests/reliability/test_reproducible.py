@@ -17,7 +17,7 @@ from pipeline.params import DataParams
 
 # Trains (CLIP, two epochs) so that the check covers the training loop, not only inference.
 SMALL = {
-    "data": {"synthetic": {"n_classes": 4, "images_per_class": 10}, "splits": {"train": 0.6, "val": 0.2, "test": 0.2}},
+    "data": {"synthetic": {"n_classes": 4, "images_per_class": 10, "extra_test_per_class": 0}, "splits": {"train": 0.6, "val": 0.2, "test": 0.2}},
     "train": {"method": "clip", "epochs": 2, "batch_size": 8},
     "index": {"factory": "HNSW16", "search_params": "efSearch=16"},
     "probe": {"k": 3},

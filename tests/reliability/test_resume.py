@@ -28,7 +28,7 @@ class Killed(Exception):
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     out = tmp_path_factory.mktemp("resume") / "prepared"
-    prepare(DataParams(synthetic={"n_classes": 4, "images_per_class": 8}, splits={"train": 0.5, "val": 0.25, "test": 0.25}), out)
+    prepare(DataParams(synthetic={"n_classes": 4, "images_per_class": 8, "extra_test_per_class": 0}, splits={"train": 0.5, "val": 0.25, "test": 0.25}), out)
     return out
 
 
