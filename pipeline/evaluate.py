@@ -78,7 +78,7 @@ def main(
     # pure function of the stage's inputs, so `dvc metrics diff` after a rerun shows real changes only.
     io.write_json(reports / "metrics.json", metrics)
     comparison = io.read_json(methods) if methods.exists() else None
-    io.write_text(reports / "report.md", markdown.render(metrics, written, comparison, not_drawn))
+    io.write_text(reports / "report.md", markdown.render(metrics, written, comparison, not_drawn, zero_shot.plots.get("zero_shot_per_class")))
     write_timing(timing, {"evaluate_s": round(time.perf_counter() - start, 3)})
     summary = []
     if "top1" in zero_shot.metrics:

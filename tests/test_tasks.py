@@ -16,8 +16,17 @@ def test_zero_shot_uses_only_labelled_images_of_the_split():
     image_emb = np.array([[1, 0], [0, 1], [0, 1], [1, 0]], dtype=np.float32)
     class_emb = np.eye(2, dtype=np.float32)
     result = tasks.zero_shot(images, image_emb, class_emb, ["cat", "dog"], "test")
-    assert result.metrics == {"top1": 1.0, "chance_top1": 0.5, "n": 2, "n_classes": 2, "n_classes_in_dataset": 2}
+    assert result.metrics == {"top1": 1.0, "chance_top1": 0.5, "n": 2, "n_classes": 2, "n_classes_in_dataset": 2, "n_per_class": {"min": 1, "max": 1}}
     assert result.plots["zero_shot_predictions"] == [{"actual": "cat", "predicted": "cat"}, {"actual": "dog", "predicted": "dog"}]
+
+
+def test_zero_shot_counts_images_and_accuracy_per_class():
+    images = _images(["test"] * 5 + ["train"], [0, 0, 0, 2, 2, 1])
+    # Class 0: two of three right; class 2: one of two (the other image ties 0 and 2: counted against it).
+    image_emb = np.array([[1, 0, 0], [1, 0, 0], [0, 0, 1], [0, 0, 1], [1, 0, 1], [0, 1, 0]], dtype=np.float32)
+    result = tasks.zero_shot(images, image_emb, np.eye(3, dtype=np.float32), ["a", "b", "c"], "test")
+    assert result.metrics["n_per_class"] == {"min": 2, "max": 3}
+    assert result.plots["zero_shot_per_class"] == [{"class": "a", "n": 3, "top1": 2 / 3}, {"class": "c", "n": 2, "top1": 0.5}]
 
 
 def test_zero_shot_chooses_among_the_classes_present_in_the_split():

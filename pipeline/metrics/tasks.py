@@ -48,8 +48,19 @@ def zero_shot(images: pd.DataFrame, image_emb: np.ndarray, class_emb: np.ndarray
         "n_classes": int(len(present)),  # the candidates: the classes present in the split
         "n_classes_in_dataset": len(class_names),
     }
+    counts = np.bincount(labels, minlength=len(class_names))[present]
+    # How many images each class's accuracy rests on: a class with few is a noisy number.
+    metrics["n_per_class"] = {"min": int(counts.min()), "max": int(counts.max())}
+    hits = predicted == labels
+    per_class = [
+        {"class": class_names[c], "n": int(n), "top1": float(hits[labels == c].mean())} for c, n in zip(present, counts)
+    ]
     rows = [{"actual": class_names[a], "predicted": class_names[p]} for a, p in zip(labels, predicted)]
-    return TaskResult(metrics, plots={"zero_shot_predictions": rows}, extras={"labels": labels, "predicted": predicted})
+    return TaskResult(
+        metrics,
+        plots={"zero_shot_predictions": rows, "zero_shot_per_class": per_class},
+        extras={"labels": labels, "predicted": predicted},
+    )
 
 
 def cross_modal_retrieval(

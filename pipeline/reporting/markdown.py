@@ -64,9 +64,26 @@ def methods_table(methods: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def render(metrics: dict, figures: dict[str, str], methods: dict | None = None, not_drawn: dict[str, str] | None = None) -> str:
+def _per_class_table(zero_shot: dict, per_class: list[dict], split: str, max_rows: int = 20) -> str:
+    """Images and top-1 per class (the whole table in plots/zero_shot_per_class.csv); with many
+    classes, the `max_rows` worst."""
+    counts = zero_shot["n_per_class"]
+    text = f"`{split}` images per class: {counts['min']} to {counts['max']} (every class: `plots/zero_shot_per_class.csv`).\n"
+    if not per_class:
+        return text
+    rows = sorted(per_class, key=lambda r: r["top1"])[:max_rows] if len(per_class) > max_rows else per_class
+    title = f"the {max_rows} hardest of {len(per_class)} classes" if len(per_class) > max_rows else "per class"
+    lines = [f"| class ({title}) | images | top-1 |", "| --- | ---: | ---: |"]
+    lines += [f"| {r['class']} | {r['n']} | {_fmt(r['top1'])} |" for r in rows]
+    return text + "\n" + "\n".join(lines) + "\n"
+
+
+def render(
+    metrics: dict, figures: dict[str, str], methods: dict | None = None, not_drawn: dict[str, str] | None = None, per_class: list[dict] | None = None
+) -> str:
     """`figures` maps a figure's role to its path relative to reports/; `methods` is reports/methods.json;
-    `not_drawn` maps the role of a figure that could not be drawn to the reason."""
+    `not_drawn` maps the role of a figure that could not be drawn to the reason; `per_class` the
+    zero-shot rows per class (class, n, top1)."""
     model, data = metrics["model"], metrics["dataset"]
     parts = [
         "# Evaluation report",
@@ -81,6 +98,7 @@ def render(metrics: dict, figures: dict[str, str], methods: dict | None = None, 
     parts.append(_section("Zero-shot classification", zero_shot, ["top1", "top5", "chance_top1", "n", "n_classes", "n_classes_in_dataset"]))
     if "skipped" not in zero_shot:
         parts.append(f"Each image chooses among the {zero_shot['n_classes']} classes present in the `{data['split']}` split; chance is over them.\n")
+        parts.append(_per_class_table(zero_shot, per_class or [], data["split"]))
     if "confusion" in figures:
         parts.append(f"![zero-shot confusion matrix]({figures['confusion']})\n")
 

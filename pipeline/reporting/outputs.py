@@ -77,6 +77,7 @@ def write(
         if "skipped" not in zero_shot.metrics:
             drawn.draw("confusion", "confusion.png", figures.confusion, zero_shot.extras["labels"], zero_shot.extras["predicted"], class_names)
             pd.DataFrame(zero_shot.plots["zero_shot_predictions"]).to_csv(plot_dir / "zero_shot_predictions.csv", index=False)
+            pd.DataFrame(zero_shot.plots["zero_shot_per_class"]).to_csv(plot_dir / "zero_shot_per_class.csv", index=False)
         if "skipped" not in retrieval.metrics:
             extras = retrieval.extras
             # Evenly spaced images (not the first n, which are often one class) and one caption each.
