@@ -12,11 +12,15 @@ import tarfile
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Optional, Union
+from typing import TYPE_CHECKING, Optional, Union
 
+import numpy as np
 from PIL import Image
 
 from pipeline.errors import DatasetError
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
@@ -44,7 +48,43 @@ class TarMember:
         return data
 
 
-ImageRef = Union[str, Path, TarMember]
+@dataclass(frozen=True)
+class StoredPixels:
+    """An image that `prepare` decoded into the prepared folder's pixel store (`PIXEL_STORE`: all
+    images of one size, in one uint8 array), read back by memory map with nothing to decode."""
+
+    store: str  # the .npy file
+    row: int
+    path: str  # the image it was decoded from: what an error or a figure names
+
+    def __str__(self) -> str:
+        return self.path
+
+    def array(self) -> np.ndarray:
+        return _pixel_store(self.store)[self.row]
+
+
+PIXEL_STORE = "pixels.npy"
+
+
+@lru_cache(maxsize=4)
+def _pixel_store(path: str) -> np.ndarray:
+    """(n, height, width, 3) uint8, memory-mapped: the pages are shared by every process that reads them."""
+    return np.load(path, mmap_mode="r")
+
+
+ImageRef = Union[str, Path, TarMember, StoredPixels]
+
+
+def image_refs(images: pd.DataFrame, image_root: Path) -> list[ImageRef]:
+    """Where each row's image is: its file under `image_root`, or, for a WebDataset row (a manifest
+    with shard, member, offset and size), its byte range in the tar shard."""
+    if not {"shard", "member", "offset", "size"} <= set(images.columns):
+        return [image_root / p for p in images["path"]]
+    return [
+        TarMember(str(image_root / shard), member, int(offset), int(size))
+        for shard, member, offset, size in zip(images["shard"], images["member"], images["offset"], images["size"])
+    ]
 
 
 def tar_member_at(path: Path) -> Optional[TarMember]:
@@ -82,7 +122,7 @@ class _MemberBytes(io.BytesIO):
         return repr(self.member)
 
 
-def _source(ref: ImageRef):
+def openable(ref: ImageRef):
     """What PIL opens: the file itself, or a tar member's bytes."""
     return _MemberBytes(ref) if isinstance(ref, TarMember) else ref
 
@@ -96,7 +136,7 @@ def check_image(path: Path | TarMember, max_pixels: Optional[int] = None) -> Opt
     try:
         if (path.size if isinstance(path, TarMember) else path.stat().st_size) == 0:
             return "empty file (0 bytes)"
-        with Image.open(_source(path)) as img:
+        with Image.open(openable(path)) as img:
             width, height = img.size
             if max_pixels is not None and width * height > max_pixels:
                 return f"{width}x{height} = {width * height:,} pixels, over data.max_image_pixels ({max_pixels:,})"
@@ -120,11 +160,22 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def pixel_count(ref: ImageRef) -> int:
+    """Width x height, from the header (or the pixel store): nothing is decoded."""
+    if isinstance(ref, StoredPixels):
+        height, width = ref.array().shape[:2]
+        return int(height * width)
+    with Image.open(openable(ref)) as img:
+        return img.width * img.height
+
+
 def load_rgb(path: ImageRef) -> Image.Image:
-    """Open an image (a file, a TarMember, or a `<shard>.tar/<member>` path) as RGB, with an error
-    that names the file (the shard and member) when it cannot be read."""
+    """Open an image (a file, a TarMember, a `<shard>.tar/<member>` path, or a row of the pixel
+    store) as RGB, with an error that names the file (the shard and member) when it cannot be read."""
+    if isinstance(path, StoredPixels):
+        return Image.fromarray(np.asarray(path.array()))  # (h, w, 3) uint8: RGB
     try:
-        with Image.open(_source(path)) as img:
+        with Image.open(openable(path)) as img:
             return to_rgb(img)
     except (FileNotFoundError, NotADirectoryError) as err:
         member = None if isinstance(path, TarMember) else tar_member_at(Path(path))

@@ -225,6 +225,10 @@ class RuntimeParams(_Section):
     num_workers: int = Field(0, ge=0)
     # Images or texts per encoder call when embedding and probing (the probe times at this size).
     batch_size: int = Field(256, ge=1)
+    # Decoded images each process may keep in memory (MB): a training split that fits is decoded
+    # once, not every epoch, and evaluation inputs encoded repeatedly (validation, the probe's
+    # depths) are preprocessed once. Larger data is read from disk at each use.
+    image_cache_mb: float = Field(2048, ge=0)
     # Processes for train and embed: > 1 runs them under torchrun (one per GPU with NCCL, or CPU
     # processes with gloo). Training batches are global (train.batch_size over all processes).
     processes: int = Field(1, ge=1)

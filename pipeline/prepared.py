@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline import io
-from pipeline.images import TarMember
+from pipeline.images import PIXEL_STORE, ImageRef, StoredPixels, image_refs
 
 
 @dataclass
@@ -29,16 +29,16 @@ class Prepared:
     image_root: Path
     info: dict
 
-    def image_paths(self, images: Optional[pd.DataFrame] = None) -> list[Path | TarMember]:
-        """What `load_rgb` reads for each row: its file under `image_root`, or, for a WebDataset row
-        (a manifest with shard, member, offset and size), its byte range in the tar shard."""
+    def image_paths(self, images: Optional[pd.DataFrame] = None) -> list[ImageRef]:
+        """What `load_rgb` reads for each row (of `images`, rows of this table): its row of the pixel
+        store when `prepare` wrote one, else `image_refs`."""
         images = self.images if images is None else images
-        if not {"shard", "member", "offset", "size"} <= set(images.columns):
-            return [self.image_root / p for p in images["path"]]
-        return [
-            TarMember(str(self.image_root / shard), member, int(offset), int(size))
-            for shard, member, offset, size in zip(images["shard"], images["member"], images["offset"], images["size"])
-        ]
+        store = self.root / PIXEL_STORE
+        if not store.exists():
+            return image_refs(images, self.image_root)
+        row_of = pd.Series(np.arange(len(self.images)), index=self.images["image_id"].to_numpy())
+        rows = row_of[images["image_id"].to_numpy()].to_numpy()
+        return [StoredPixels(str(store), int(row), str(self.image_root / path)) for row, path in zip(rows, images["path"])]
 
     @property
     def class_names(self) -> list[str]:

@@ -21,7 +21,7 @@ from pipeline import io, preflight
 from pipeline.metrics.classification import scores_among_present_classes
 from pipeline.metrics.probe import knn_probe, normalise, timed_features, topk_from_scores
 from pipeline.models import load_trained
-from pipeline.models.encode import encode_class_prompts, image_loader
+from pipeline.models.encode import PreprocessedImages, encode_class_prompts
 from pipeline.models.probe import point_name, probe_encoder, resolve_points, tower_depth
 from pipeline.prepared import load_prepared
 from pipeline.reporting import figures
@@ -63,15 +63,22 @@ def main(
         gallery_labels = gallery["label"].to_numpy().astype(np.int64)
         query_labels = queries["label"].to_numpy().astype(np.int64)
 
-        def batches(frame):
-            return image_loader(prepared.image_paths(frame), loaded.preprocess, runtime.batch_size, runtime.num_workers)
+        # Each split is preprocessed once (kept in memory when it fits) and encoded at every depth.
+        gallery_pixels, query_pixels = (
+            PreprocessedImages(loaded, prepared.image_paths(frame), runtime.batch_size, runtime.num_workers, runtime.image_cache_mb)
+            for frame in (gallery, queries)
+        )
+        normalise_pixels = loaded.eval_pixels[1]
+
+        def batches(pixels):  # normalised before the timer starts: encode_ms is the encoder alone
+            return (normalise_pixels(batch) for batch in pixels)
 
         points = resolve_points(params.points, tower_depth(loaded.model.visual))
         final = None  # the full encoder's query features and time, shared with the zero-shot row
         for point in points:
             encode = probe_encoder(loaded, point, params.pooling)
-            gallery_features, _ = timed_features(encode, batches(gallery), loaded.device)
-            query_features, encode_s = timed_features(encode, batches(queries), loaded.device)
+            gallery_features, _ = timed_features(encode, batches(gallery_pixels), loaded.device)
+            query_features, encode_s = timed_features(encode, batches(query_pixels), loaded.device)
             if point == "final":
                 final = (query_features, encode_s)
             result = knn_probe(gallery_features, gallery_labels, query_features, query_labels, n_classes, params.k, params.metric)
@@ -84,7 +91,7 @@ def main(
         if model_info.get("image_text_aligned", True):
             # Baseline: the full encoder, then one product with the class-prompt embeddings (encoded once).
             class_emb = encode_class_prompts(loaded, prepared.class_names, prepared.templates)
-            query_features, encode_s = final or timed_features(probe_encoder(loaded, "final"), batches(queries), loaded.device)
+            query_features, encode_s = final or timed_features(probe_encoder(loaded, "final"), batches(query_pixels), loaded.device)
             query_start = time.perf_counter()
             # The candidates are the classes present in the query split, as in evaluate's zero-shot task.
             scores, columns, _ = scores_among_present_classes(normalise(query_features), class_emb, query_labels)

@@ -69,7 +69,7 @@ def main(
     else:
         # Every rank resumes from the same state; rank 0 alone saves it.
         resume = Resume(resume_path(out), run_fingerprint(params, data), params.runtime.resume, write=world.is_main)
-        result = TRAINERS[params.train.method](loaded, prepared, params.train, resume, params.runtime.num_workers, world)
+        result = TRAINERS[params.train.method](loaded, prepared, params.train, resume, params.runtime, world)
         checkpoints = {"best.pt": result.best, "last.pt": result.last, **result.periodic}
         info.update(
             checkpoint="best.pt",

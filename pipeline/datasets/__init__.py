@@ -8,6 +8,9 @@
     out_dir/rejected.parquet   path, kind (image | annotation | note), reason: what was left out
     out_dir/dataset.json       source, where the image files are, counts (rejected ones included)
     out_dir/images/...         pixels, for sources that generate or unpack them
+    out_dir/pixels.npy         every image decoded, in table order, when data.check_images is on
+                               and all share one size and fit in PIXEL_STORE_MAX_MB (the synthetic
+                               default, CIFAR): later stages read them by memory map, not decoding
 """
 
 from __future__ import annotations
@@ -15,9 +18,12 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+from PIL import Image
 
 from pipeline import io
+from pipeline.images import PIXEL_STORE, image_refs, load_rgb, openable
 from pipeline.datasets.base import DatasetError, PreparedDataset, cap_per_split
 from pipeline.params import DataParams
 
@@ -44,14 +50,45 @@ def prepare(params: DataParams, out_dir: str | Path) -> PreparedDataset:
         dataset.images = cap_per_split(dataset.images, params.max_images_per_split, params.seed)
         if dataset.captions is not None:
             dataset.captions = dataset.captions[dataset.captions["image_id"].isin(dataset.images["image_id"])]
-        _write(dataset, tmp)
+        _write(dataset, tmp, pixel_store=params.check_images)
     if dataset.image_root == tmp:  # the temp folder was renamed to out_dir
         dataset.image_root = Path(out_dir)
     return dataset
 
 
-def _write(dataset: PreparedDataset, out_dir: Path) -> None:
+# A fixed size, not a param: whether the store exists is then a function of the data alone, and
+# it changes how fast later stages read pixels, never which pixels they read.
+PIXEL_STORE_MAX_MB = 1024
+
+
+def write_pixel_store(images: pd.DataFrame, image_root: Path, path: Path, max_mb: float = PIXEL_STORE_MAX_MB) -> bool:
+    """Decode every image of `images` into one (n, height, width, 3) uint8 array at `path`, when
+    they all have one size and it fits in `max_mb`; returns whether it wrote one. Headers are read
+    first (nothing decoded) and reading stops at the first image of another size."""
+    refs = image_refs(images, image_root)
+    if not refs:
+        return False
+    with Image.open(openable(refs[0])) as first:
+        width, height = first.size
+    if len(refs) * height * width * 3 > max_mb * 2**20:
+        return False
+    for ref in refs[1:]:
+        with Image.open(openable(ref)) as img:
+            if img.size != (width, height):
+                return False
+    with io.atomic_path(path) as tmp:
+        store = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(refs), height, width, 3))
+        for row, ref in enumerate(refs):
+            store[row] = np.asarray(load_rgb(ref))
+        store.flush()
+        del store
+    return True
+
+
+def _write(dataset: PreparedDataset, out_dir: Path, pixel_store: bool) -> None:
     io.write_parquet(out_dir / "images.parquet", dataset.images)
+    if pixel_store:  # data.check_images: the images are decoded anyway; keep what that gives
+        write_pixel_store(dataset.images, dataset.image_root, out_dir / PIXEL_STORE)
     if dataset.captions is not None:
         io.write_parquet(out_dir / "captions.parquet", dataset.captions.reset_index(drop=True))
     io.write_json(out_dir / "classes.json", {"classes": dataset.classes, "templates": dataset.templates})

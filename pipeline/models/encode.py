@@ -21,7 +21,8 @@ from pipeline.models import LoadedModel
 
 
 class ImageFiles(Dataset):
-    """Image files through a transform; a bad file is an error that names it."""
+    """Image files through a per-sample transform (`pipeline.pixels.SampleTransform`: uint8
+    pixels, normalised later per batch); a bad file is an error that names it."""
 
     def __init__(self, paths: Sequence[str | Path], transform: Callable):
         self.paths = list(paths)
@@ -41,14 +42,40 @@ def autocast(device: torch.device):
     return contextlib.nullcontext()
 
 
-def image_loader(paths: Sequence, transform: Callable, batch_size: int, num_workers: int = 0) -> DataLoader:
+def image_loader(loaded: LoadedModel, paths: Sequence, batch_size: int, num_workers: int = 0) -> DataLoader:
+    """Batches of the model's evaluation input as uint8 pixels; `encode_image_batches` (or
+    `loaded.eval_pixels[1]`) normalises them."""
     return DataLoader(
-        ImageFiles(paths, transform),
+        ImageFiles(paths, loaded.eval_pixels[0]),
         batch_size=batch_size,
         shuffle=False,
         num_workers=num_workers,
         pin_memory=torch.cuda.is_available(),
     )
+
+
+class PreprocessedImages:
+    """The batches of `image_loader`, preprocessed once and kept (uint8) when they fit in `max_mb`:
+    for inputs encoded again and again (validation every epoch, the probe at every depth).
+    Otherwise each pass reads the files again."""
+
+    def __init__(self, loaded: LoadedModel, paths: Sequence, batch_size: int, num_workers: int = 0, max_mb: float = 0.0):
+        self.loader = image_loader(loaded, paths, batch_size, num_workers)
+        self.batch_size = batch_size
+        self.pixels: torch.Tensor | None = None
+        side = loaded.image_size
+        if 3 * side * side * len(paths) <= max_mb * 2**20:
+            batches = list(self.loader)
+            self.pixels = torch.cat(batches) if batches else torch.zeros((0, 3, side, side), dtype=torch.uint8)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        if self.pixels is None:
+            yield from self.loader
+        else:
+            yield from self.pixels.split(self.batch_size)
 
 
 def image_features(loaded: LoadedModel, images: torch.Tensor) -> torch.Tensor:
@@ -59,12 +86,14 @@ def image_features(loaded: LoadedModel, images: torch.Tensor) -> torch.Tensor:
 
 @torch.inference_mode()
 def encode_image_batches(loaded: LoadedModel, batches, desc: str = "images") -> np.ndarray:
-    """Encode an iterable of image tensors (B, 3, H, W)."""
+    """Encode an iterable of image batches (B, 3, H, W): uint8 pixels from `image_loader`
+    (normalised here, on the device), or model input that is already float."""
     device = loaded.device
     out = []
+    normalise = loaded.eval_pixels[1]
     for batch in tqdm(batches, desc=desc, leave=False, disable=None):
         with autocast(device):
-            features = image_features(loaded, batch.to(device, non_blocking=True))
+            features = image_features(loaded, normalise(batch.to(device, non_blocking=True)))
         out.append(F.normalize(features.float(), dim=-1).cpu())
     if not out:
         return np.zeros((0, loaded.embed_dim), dtype=np.float32)
@@ -72,7 +101,7 @@ def encode_image_batches(loaded: LoadedModel, batches, desc: str = "images") -> 
 
 
 def encode_images(loaded: LoadedModel, paths: Sequence, batch_size: int = 256, num_workers: int = 0) -> np.ndarray:
-    return encode_image_batches(loaded, image_loader(paths, loaded.preprocess, batch_size, num_workers))
+    return encode_image_batches(loaded, image_loader(loaded, paths, batch_size, num_workers))
 
 
 @torch.inference_mode()

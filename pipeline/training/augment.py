@@ -7,11 +7,16 @@ Drawing each sample's randomness from its own seed makes the workers a matter of
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
 from torchvision import transforms
+
+from pipeline.distributed import World
+from pipeline.images import ImageRef
+from pipeline.params import RuntimeParams
+from pipeline.pixels import DecodedImages, SampleTransform
 
 
 def augmented(preprocess: Callable, augment: bool) -> Callable:
@@ -36,3 +41,20 @@ class PerSampleRandom:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(sample_seed)
             return function(*args)
+
+    def pixels(self, index: int, transform: SampleTransform, image, rng: Optional[np.random.Generator] = None) -> torch.Tensor:
+        """`transform(image, rng)`, under this sample's seeded torch RNG only when a step needs it
+        (forking torch's RNG state costs more than decoding a small PNG)."""
+        if transform.needs_torch_rng:
+            return self(index, transform, image, rng)
+        return transform(image, rng)
+
+
+def decode_once(refs: Sequence[ImageRef], runtime: RuntimeParams, world: World, split: str) -> DecodedImages:
+    """A training split's images, decoded once for the whole run when they fit in
+    `runtime.image_cache_mb` (each process holds its own copy); otherwise read at every access,
+    and rank 0 says why."""
+    decoded = DecodedImages(refs, runtime.image_cache_mb, runtime.num_workers, desc=f"decode {split}")
+    if not decoded.cached and world.is_main:
+        print(f"{split} images are decoded at every epoch: {decoded.reason}; runtime.num_workers spreads the decoding over processes")
+    return decoded

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -20,16 +20,16 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler
 from tqdm import tqdm  # not tqdm.auto, whose asyncio class calls iter() twice: DataLoader workers would start twice
 
 from pipeline.distributed import RankShare, World, gather_rows, wrap_ddp
-from pipeline.images import load_rgb
 from pipeline.prepared import Prepared
 from pipeline.metrics.metric_learning import accuracy_at_r, self_excluded_neighbours
 from pipeline.metrics.tasks import has_pairs
 from pipeline.metrics.verification import make_pairs
 from pipeline.models import LoadedModel
-from pipeline.models.encode import autocast, encode_image_batches, image_loader
+from pipeline.models.encode import PreprocessedImages, autocast, encode_image_batches
 from pipeline.models.heads import ProjectionHead, unfreeze_last_blocks
-from pipeline.params import TrainParams
-from pipeline.training.augment import PerSampleRandom, augmented
+from pipeline.params import RuntimeParams, TrainParams
+from pipeline.pixels import SampleTransform, split_transform
+from pipeline.training.augment import PerSampleRandom, augmented, decode_once
 from pipeline.training.checkpoints import Resume, TrainResult, capture_rng, restore_rng, result_from_state, result_state, snapshot, snapshot_on_main
 from pipeline.training.losses import all_triplets_loss, contrastive_loss, pair_distance, triplet_margin_loss
 from pipeline.training.miners import mine_triplets
@@ -41,24 +41,24 @@ MAX_VAL_IMAGES = 2000  # validation mines over all pairs of val images: O(n^2) m
 
 
 class LabelledImages(Dataset):
-    """(image, label); augmentations drawn per sample from (seed, epoch, index)."""
+    """(uint8 pixels, label) of decoded images; augmentations drawn per sample from (seed, epoch, index)."""
 
-    def __init__(self, paths, labels, transform, seed: int = 0):
-        self.paths, self.labels, self.transform = list(paths), np.asarray(labels), transform
+    def __init__(self, images: Sequence, labels, transform: SampleTransform, seed: int = 0):
+        self.images, self.labels, self.transform = images, np.asarray(labels), transform
         self.random = PerSampleRandom(seed)
 
     def __len__(self) -> int:
-        return len(self.paths)
+        return len(self.images)
 
     def __getitem__(self, index: int):
-        return self.random(index, self.transform, load_rgb(self.paths[index])), int(self.labels[index])
+        return self.random.pixels(index, self.transform, self.images[index]), int(self.labels[index])
 
 
 class ImagePairs(Dataset):
-    """(image a, image b, same); both augmentations drawn from the pair's own seed."""
+    """(pixels a, pixels b, same) of decoded images; both augmentations drawn from the pair's own seed."""
 
-    def __init__(self, paths, first, second, same, transform, random: PerSampleRandom):
-        self.paths, self.first, self.second, self.same, self.transform = list(paths), first, second, same, transform
+    def __init__(self, images: Sequence, first, second, same, transform: SampleTransform, random: PerSampleRandom):
+        self.images, self.first, self.second, self.same, self.transform = images, first, second, same, transform
         self.random = random
 
     def __len__(self) -> int:
@@ -69,7 +69,7 @@ class ImagePairs(Dataset):
         return (*self.random(index, self._both, a, b), float(self.same[index]))
 
     def _both(self, a: int, b: int):
-        return self.transform(load_rgb(self.paths[a])), self.transform(load_rgb(self.paths[b]))
+        return self.transform(self.images[a]), self.transform(self.images[b])
 
 
 def labelled_split(prepared: Prepared, split: str, limit: Optional[int] = None, seed: int = 0) -> pd.DataFrame:
@@ -115,11 +115,12 @@ def triplet_step_loss(
 class Validator:
     """Validation loss (for early stopping / best checkpoint) and retrieval quality on the val split."""
 
-    def __init__(self, loaded: LoadedModel, prepared: Prepared, params: TrainParams, batch_size: int = 256):
+    def __init__(self, loaded: LoadedModel, prepared: Prepared, params: TrainParams, batch_size: int = 256, image_cache_mb: float = 0.0):
         self.loaded, self.params = loaded, params
         self.images = labelled_split(prepared, "val", MAX_VAL_IMAGES, params.seed)
         self.labels = self.images["label"].to_numpy().astype(np.int64)
-        self.loader = image_loader(prepared.image_paths(self.images), loaded.preprocess, batch_size)
+        # Preprocessed once when they fit: validation runs after every epoch.
+        self.loader = PreprocessedImages(loaded, prepared.image_paths(self.images), batch_size, max_mb=image_cache_mb)
         self.usable = has_pairs(self.labels)
         if self.usable and params.method == "siamese":
             # Fixed pairs, so epochs are compared on the same validation task.
@@ -275,13 +276,13 @@ def _training_images(prepared: Prepared) -> pd.DataFrame:
 
 
 def train_siamese(
-    loaded: LoadedModel, prepared: Prepared, params: TrainParams, resume: Resume = Resume(), num_workers: int = 0, world: World = World()
+    loaded: LoadedModel, prepared: Prepared, params: TrainParams, resume: Resume = Resume(), runtime: RuntimeParams = RuntimeParams(), world: World = World()
 ) -> TrainResult:
     seed_everything(params.seed)
     model, device, cfg = loaded.model, loaded.device, params.siamese
     images = _training_images(prepared)
-    paths, labels = prepared.image_paths(images), images["label"].to_numpy().astype(np.int64)
-    transform = augmented(loaded.preprocess, params.augment)
+    decoded, labels = decode_once(prepared.image_paths(images), runtime, world, "train"), images["label"].to_numpy().astype(np.int64)
+    transform, normalise = split_transform(augmented(loaded.preprocess, params.augment))
     rng = np.random.default_rng(params.seed)
     random = PerSampleRandom(params.seed)
 
@@ -297,17 +298,18 @@ def train_siamese(
     def make_batches(epoch: int) -> DataLoader:
         first, second, same = sample_pairs(labels, cfg.samples_per_class, cfg.positive_ratio, rng)
         random.epoch = epoch
-        pairs = ImagePairs(paths, first, second, same, transform, random)
+        pairs = ImagePairs(decoded, first, second, same, transform, random)
         shuffle = torch.Generator().manual_seed(params.seed + epoch)
         batches = BatchSampler(RandomSampler(pairs, generator=shuffle), params.batch_size, drop_last=False)
         # generator: as DataLoader(shuffle=True) would, worker seeds come from it too
-        return DataLoader(pairs, batch_sampler=RankShare(batches, world), num_workers=num_workers, generator=shuffle)
+        return DataLoader(pairs, batch_sampler=RankShare(batches, world), num_workers=runtime.num_workers, generator=shuffle)
 
     def step_loss(embedder, batch) -> torch.Tensor:
         a, b, same = (t.to(device, non_blocking=True) for t in batch)
+        a, b = normalise(a), normalise(b)
         return siamese_step_loss(embedder, a, b, same, cfg.margin, world)
 
-    validator = Validator(loaded, prepared, params)
+    validator = Validator(loaded, prepared, params, image_cache_mb=runtime.image_cache_mb)
     stopper = EarlyStopping(params.patience, params.min_delta)
     run = RunState(resume, {"pairs": rng})
     result = run.restore(loaded, stopper)
@@ -319,13 +321,14 @@ def train_siamese(
 
 
 def train_triplet(
-    loaded: LoadedModel, prepared: Prepared, params: TrainParams, resume: Resume = Resume(), num_workers: int = 0, world: World = World()
+    loaded: LoadedModel, prepared: Prepared, params: TrainParams, resume: Resume = Resume(), runtime: RuntimeParams = RuntimeParams(), world: World = World()
 ) -> TrainResult:
     seed_everything(params.seed)
     model, device, cfg = loaded.model, loaded.device, params.triplet
     images = _training_images(prepared)
-    paths, labels = prepared.image_paths(images), images["label"].to_numpy().astype(np.int64)
-    dataset = LabelledImages(paths, labels, augmented(loaded.preprocess, params.augment), params.seed)
+    decoded, labels = decode_once(prepared.image_paths(images), runtime, world, "train"), images["label"].to_numpy().astype(np.int64)
+    transform, normalise = split_transform(augmented(loaded.preprocess, params.augment))
+    dataset = LabelledImages(decoded, labels, transform, params.seed)
     sampler = PKBatchSampler(labels, cfg.classes_per_batch, cfg.images_per_class, params.seed)
     loaded.image_head = ProjectionHead(loaded.tower_dim, cfg.head_dim).to(device)
     for param in model.parameters():
@@ -334,10 +337,10 @@ def train_triplet(
     def make_batches(epoch: int) -> DataLoader:
         sampler.set_epoch(epoch)
         dataset.random.epoch = epoch
-        return DataLoader(dataset, batch_sampler=RankShare(sampler, world), num_workers=num_workers)
+        return DataLoader(dataset, batch_sampler=RankShare(sampler, world), num_workers=runtime.num_workers)
 
     def step_loss(embedder, batch) -> torch.Tensor:
-        pixels, batch_labels = batch[0].to(device, non_blocking=True), batch[1].to(device)
+        pixels, batch_labels = normalise(batch[0].to(device, non_blocking=True)), batch[1].to(device)
         return triplet_step_loss(embedder, pixels, batch_labels, cfg.mining, cfg.margin, world)
 
     def train_mode() -> None:
@@ -347,7 +350,7 @@ def train_triplet(
         for module in tail_modules:
             module.train()
 
-    validator = Validator(loaded, prepared, params)
+    validator = Validator(loaded, prepared, params, image_cache_mb=runtime.image_cache_mb)
     stopper = EarlyStopping(params.patience, params.min_delta)
     run = RunState(resume, {})
     result = run.restore(loaded, stopper)
