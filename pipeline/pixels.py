@@ -42,8 +42,9 @@ try:  # open_clip's variant that passes tensors through
     _CONVERT_MODE: tuple = (MaybeConvertMode,)
 except ImportError:  # pragma: no cover - older open_clip
     _CONVERT_MODE = ()
-# Steps that draw from torch's global RNG (the crop is handled apart, from NumPy).
-_TORCH_RANDOM = (transforms.RandomHorizontalFlip, transforms.ColorJitter, transforms.RandomGrayscale, transforms.RandomApply)
+# Steps known to draw nothing from torch's RNG (a RandomResizedCrop draws from NumPy here). Any
+# other step may (flip, colour jitter, blur...), so it runs under the sample's seeded torch RNG.
+_DETERMINISTIC = (transforms.Resize, transforms.CenterCrop, transforms.RandomResizedCrop, transforms.Normalize) + _TO_TENSOR + _CONVERT_MODE
 
 
 class Normalise:
@@ -67,13 +68,13 @@ class Normalise:
 class SampleTransform:
     """The per-sample part of an open_clip/torchvision transform: PIL image -> uint8 (3, H, W).
 
-    `rng` (a NumPy Generator made from the sample's seed) drives a RandomResizedCrop; other
-    random steps need `needs_torch_rng` and a seeded torch RNG around the call.
+    `rng` (a NumPy Generator made from the sample's seed) drives a RandomResizedCrop; any step
+    not known to be deterministic sets `needs_torch_rng`: the caller seeds torch's RNG around it.
     """
 
     def __init__(self, steps: list[Callable], to_uint8: bool):
         self.steps, self.to_uint8 = steps, to_uint8
-        self.needs_torch_rng = any(isinstance(s, _TORCH_RANDOM) for s in steps)
+        self.needs_torch_rng = not all(isinstance(s, _DETERMINISTIC) for s in steps)
 
     def __call__(self, image: Image.Image, rng: Optional[np.random.Generator] = None):
         for step in self.steps:

@@ -88,6 +88,9 @@ def test_other_random_steps_keep_a_seeded_torch_rng(loaded):
     sample, normalise = split_transform(augmented(loaded.preprocess, True))  # flip + colour jitter in front
     assert sample.needs_torch_rng and sample.to_uint8
     assert isinstance(normalise, Normalise) and normalise.mean is not None
+    # A step it does not know is assumed to draw from torch's RNG, never run unseeded.
+    blurred, _ = split_transform(transforms.Compose([transforms.GaussianBlur(3), *loaded.preprocess.transforms]))
+    assert blurred.needs_torch_rng
 
 
 def test_a_transform_that_cannot_be_split_is_kept_whole():
