@@ -15,13 +15,9 @@ accuracy of always guessing one class.
 from __future__ import annotations
 
 import numpy as np
-from sklearn.metrics import (
-    accuracy_score,
-    confusion_matrix,
-    precision_recall_fscore_support,
-    roc_auc_score,
-    roc_curve,
-)
+
+# sklearn.metrics is imported where it is used: it takes a second or more to import, and the
+# train stage (which imports make_pairs through the evaluation tasks) never scores pairs.
 
 _CHUNK = 65_536  # pairs per distance block, so (pairs, dim) copies stay small
 
@@ -182,6 +178,8 @@ def _eer(fpr: np.ndarray, tpr: np.ndarray) -> float:
 
 def verification_metrics(distances: np.ndarray, same: np.ndarray, threshold: float) -> dict:
     """Accuracy, precision/recall/F1 of "same", ROC AUC and EER at a fixed threshold; JSON-ready."""
+    from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support, roc_auc_score, roc_curve
+
     distances, same = _checked(distances, same)
     if same.all() or not same.any():
         raise ValueError("verification metrics need both same-class and different-class pairs")
@@ -206,6 +204,8 @@ def verification_metrics(distances: np.ndarray, same: np.ndarray, threshold: flo
 
 def roc_points(distances: np.ndarray, same: np.ndarray) -> dict[str, list[float]]:
     """ROC curve of the score -distance, as fpr/tpr lists for a plot."""
+    from sklearn.metrics import roc_curve
+
     distances, same = _checked(distances, same)
     fpr, tpr, _ = roc_curve(same, -distances)
     return {"fpr": fpr.tolist(), "tpr": tpr.tolist()}

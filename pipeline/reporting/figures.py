@@ -12,7 +12,6 @@ matplotlib.use("Agg")  # files only; no display on servers or CI
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
-from sklearn.metrics import ConfusionMatrixDisplay  # noqa: E402
 
 from pipeline import io  # noqa: E402
 from pipeline.images import load_rgb  # noqa: E402
@@ -107,6 +106,8 @@ def retrieval_examples(queries: Sequence[str], hits: Sequence[Sequence[tuple[Pat
 
 
 def confusion(labels: np.ndarray, predicted: np.ndarray, class_names: list[str], path: Path) -> None:
+    from sklearn.metrics import ConfusionMatrixDisplay  # imported here: a second or more, for two figures
+
     n = len(class_names)
     fig, ax = plt.subplots(figsize=(0.5 * n + 3, 0.5 * n + 2.5))
     ConfusionMatrixDisplay.from_predictions(
@@ -145,6 +146,8 @@ def roc_curve_plot(fpr: Sequence[float], tpr: Sequence[float], auc: float, eer: 
 
 def verification_confusion(confusion: dict, path: Path) -> None:
     """2x2 confusion of verification: rows actual different/same, columns predicted."""
+    from sklearn.metrics import ConfusionMatrixDisplay  # imported here: a second or more, for two figures
+
     matrix = np.array([[confusion["tn"], confusion["fp"]], [confusion["fn"], confusion["tp"]]])
     fig, ax = plt.subplots(figsize=(3.8, 3.3))
     ConfusionMatrixDisplay(confusion_matrix=matrix, display_labels=["different", "same"]).plot(
