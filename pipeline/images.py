@@ -63,6 +63,10 @@ class StoredPixels:
     def array(self) -> np.ndarray:
         return _pixel_store(self.store)[self.row]
 
+    def array_store(self) -> np.ndarray:
+        """The whole (n, height, width, 3) store this row belongs to, memory-mapped."""
+        return _pixel_store(self.store)
+
 
 PIXEL_STORE = "pixels.npy"
 

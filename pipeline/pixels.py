@@ -88,6 +88,26 @@ class SampleTransform:
         return TF.pil_to_tensor(image) if self.to_uint8 else image
 
 
+def keeps_size(transform: SampleTransform, height: int, width: int) -> bool:
+    """True when `transform` returns an image of (height, width) as uint8 pixels unchanged: a
+    Resize and a CenterCrop to the size it already has (the evaluation preprocess of a model whose
+    input size the images already have). Anything else may change pixels."""
+    if not transform.to_uint8 or transform.needs_torch_rng:
+        return False
+    for step in transform.steps:
+        if isinstance(step, transforms.Resize):
+            size = [step.size] if isinstance(step.size, int) else list(step.size)
+            # One number resizes the shorter side to it; two are (height, width).
+            if (size != [min(height, width)]) if len(size) == 1 else (size != [height, width]):
+                return False
+        elif isinstance(step, transforms.CenterCrop):
+            if list(step.size) != [height, width]:
+                return False
+        else:
+            return False
+    return True
+
+
 def split_transform(transform: Callable) -> tuple[SampleTransform, Normalise]:
     """(per-sample part, per-batch part) of `transform` such that stacking `transform(image)`
     equals `normalise(stack(sample(image)))` (for a random crop: with the crop drawn alike).

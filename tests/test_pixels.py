@@ -13,7 +13,7 @@ from torchvision import transforms
 from pipeline.datasets import prepare, write_pixel_store
 from pipeline.images import PIXEL_STORE, StoredPixels, image_refs, load_rgb
 from pipeline.models import create_model
-from pipeline.models.encode import PreprocessedImages, encode_images, image_loader
+from pipeline.models.encode import PreprocessedImages, StoreBatches, encode_images, image_loader
 from pipeline.params import DataParams
 from pipeline.prepared import load_prepared
 from pipeline.pixels import DecodedImages, Normalise, split_transform, resized_crop_box
@@ -135,8 +135,8 @@ def test_the_cache_gives_up_when_images_turn_out_larger_than_estimated(tmp_path)
     assert decoded[unseen].size == (1500, 1500)  # still readable, from disk
 
 
-def _prepare_synthetic(out, **data):
-    synthetic = {"n_classes": 3, "images_per_class": 6, "extra_test_per_class": 2, "image_size": 32}
+def _prepare_synthetic(out, image_size=32, **data):
+    synthetic = {"n_classes": 3, "images_per_class": 6, "extra_test_per_class": 2, "image_size": image_size}
     prepare(DataParams(synthetic=synthetic, splits={"train": 0.5, "val": 0.25, "test": 0.25}, **data), out)
     return load_prepared(out)
 
@@ -154,8 +154,17 @@ def test_prepare_keeps_the_decoded_images_and_later_stages_read_them_instead_of_
     assert all(isinstance(r, StoredPixels) for r in refs)
     assert [str(r) for r in refs] == [str(prepared.image_root / p) for p in test["path"]]  # errors and figures name the file
     assert all(np.array_equal(np.asarray(load_rgb(r)), np.asarray(load_rgb(f))) for r, f in zip(refs, image_refs(test, prepared.image_root)))
-    # Same embeddings, to the bit, as from the files.
+    # Same embeddings, to the bit, as from the files: resized from 32 px here, through the DataLoader...
+    assert not isinstance(image_loader(loaded, refs, 4), StoreBatches)
     assert np.array_equal(encode_images(loaded, refs, batch_size=4), encode_images(loaded, image_refs(test, prepared.image_root), batch_size=4))
+    # ... and at the model's own 64 px, sliced straight from the store, in any row order.
+    native = _prepare_synthetic(tmp_path / "native", image_size=64)
+    rows = native.images.sample(frac=1, random_state=0)
+    refs = native.image_paths(rows)
+    assert isinstance(image_loader(loaded, refs, 4), StoreBatches)
+    files = image_refs(rows, native.image_root)
+    assert all(torch.equal(a, b) for a, b in zip(image_loader(loaded, refs, 4), image_loader(loaded, files, 4)))
+    assert np.array_equal(encode_images(loaded, refs, batch_size=4), encode_images(loaded, files, batch_size=4))
 
 
 def test_no_pixel_store_without_the_decode_check_or_for_images_of_several_sizes(tmp_path):

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm  # not tqdm.auto, whose asyncio class calls iter() twice: DataLoader workers would start twice
 
-from pipeline.images import load_rgb
+from pipeline.images import StoredPixels, load_rgb
+from pipeline.pixels import keeps_size
 from pipeline.models import LoadedModel
 
 
@@ -42,9 +43,44 @@ def autocast(device: torch.device):
     return contextlib.nullcontext()
 
 
-def image_loader(loaded: LoadedModel, paths: Sequence, batch_size: int, num_workers: int = 0) -> DataLoader:
+class StoreBatches:
+    """Batches sliced straight from the prepared pixel store: (B, H, W, 3) rows viewed as
+    (B, 3, H, W), which is channels-last memory already. The same uint8 values as decoding each row
+    through PIL and the (identity) geometry, without the per-image work."""
+
+    def __init__(self, store: np.ndarray, rows: np.ndarray, batch_size: int):
+        self.store, self.rows, self.batch_size = store, rows, batch_size
+
+    def __len__(self) -> int:
+        return -(-len(self.rows) // self.batch_size)
+
+    def __iter__(self):
+        for start in range(0, len(self.rows), self.batch_size):
+            rows = self.rows[start : start + self.batch_size]
+            # One slice when the rows are consecutive (a split is stored in table order), else a gather.
+            consecutive = len(rows) and rows[-1] - rows[0] == len(rows) - 1 and (np.diff(rows) == 1).all()
+            block = self.store[rows[0] : rows[-1] + 1] if consecutive else self.store[rows]
+            yield torch.from_numpy(np.ascontiguousarray(block)).permute(0, 3, 1, 2)
+
+
+def store_batches(loaded: LoadedModel, paths: Sequence, batch_size: int) -> StoreBatches | None:
+    """`StoreBatches` when every image is a row of one pixel store at the model's input size (the
+    evaluation geometry then leaves it as it is); None otherwise."""
+    if not paths or not all(isinstance(p, StoredPixels) for p in paths) or len({p.store for p in paths}) != 1:
+        return None
+    store = paths[0].array_store()
+    if not keeps_size(loaded.eval_pixels[0], store.shape[1], store.shape[2]):
+        return None
+    return StoreBatches(store, np.array([p.row for p in paths], dtype=np.int64), batch_size)
+
+
+def image_loader(loaded: LoadedModel, paths: Sequence, batch_size: int, num_workers: int = 0) -> DataLoader | StoreBatches:
     """Batches of the model's evaluation input as uint8 pixels; `encode_image_batches` (or
-    `loaded.eval_pixels[1]`) normalises them."""
+    `loaded.eval_pixels[1]`) normalises them. Rows of the prepared pixel store that need no resizing
+    are sliced from it; everything else goes through a DataLoader."""
+    stored = store_batches(loaded, paths, batch_size)
+    if stored is not None:
+        return stored
     return DataLoader(
         ImageFiles(paths, loaded.eval_pixels[0]),
         batch_size=batch_size,
