@@ -68,12 +68,13 @@ def _per_class_table(zero_shot: dict, per_class: list[dict], split: str, max_row
     """Images and top-1 per class (the whole table in plots/zero_shot_per_class.csv); with many
     classes, the `max_rows` worst."""
     counts = zero_shot["n_per_class"]
-    text = f"`{split}` images per class: {counts['min']} to {counts['max']} (every class: `plots/zero_shot_per_class.csv`).\n"
+    spread = f"{counts['min']} each" if counts["min"] == counts["max"] else f"{counts['min']} to {counts['max']}"
+    text = f"`{split}` images per class: {spread} (every class: `plots/zero_shot_per_class.csv`).\n"
     if not per_class:
         return text
     rows = sorted(per_class, key=lambda r: r["top1"])[:max_rows] if len(per_class) > max_rows else per_class
-    title = f"the {max_rows} hardest of {len(per_class)} classes" if len(per_class) > max_rows else "per class"
-    lines = [f"| class ({title}) | images | top-1 |", "| --- | ---: | ---: |"]
+    header = f"class (the {max_rows} hardest of {len(per_class)})" if len(per_class) > max_rows else "class"
+    lines = [f"| {header} | images | top-1 |", "| --- | ---: | ---: |"]
     lines += [f"| {r['class']} | {r['n']} | {_fmt(r['top1'])} |" for r in rows]
     return text + "\n" + "\n".join(lines) + "\n"
 
