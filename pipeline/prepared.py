@@ -31,14 +31,18 @@ class Prepared:
 
     def image_paths(self, images: Optional[pd.DataFrame] = None) -> list[ImageRef]:
         """What `load_rgb` reads for each row (of `images`, rows of this table): its row of the pixel
-        store when `prepare` wrote one, else `image_refs`."""
+        store when `prepare` wrote one, else its file (`image_files`)."""
         images = self.images if images is None else images
         store = self.root / PIXEL_STORE
         if not store.exists():
-            return image_refs(images, self.image_root)
+            return self.image_files(images)
         row_of = pd.Series(np.arange(len(self.images)), index=self.images["image_id"].to_numpy())
         rows = row_of[images["image_id"].to_numpy()].to_numpy()
         return [StoredPixels(str(store), int(row), str(self.image_root / path)) for row, path in zip(rows, images["path"])]
+
+    def image_files(self, images: Optional[pd.DataFrame] = None) -> list[ImageRef]:
+        """Where each row's image file is: a path under `image_root`, or a tar shard's byte range."""
+        return image_refs(self.images if images is None else images, self.image_root)
 
     @property
     def class_names(self) -> list[str]:

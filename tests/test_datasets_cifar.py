@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from pipeline.datasets import cifar
+from pipeline.images import StoredPixels, load_rgb
 from pipeline.prepared import load_prepared
 from pipeline.datasets import prepare as prepare_dataset
 from pipeline.datasets.base import DEFAULT_TEMPLATES, DatasetError
@@ -174,8 +175,11 @@ def test_prepare_writes_tables_that_load_back(tmp_path):
     assert prepared.info["image_root"] is None  # the PNGs live inside the prepared folder
     assert prepared.info["n_images_per_split"] == {"train": 10, "val": 10, "test": 3}
     assert prepared.image_root == out
-    paths = prepared.image_paths()
+    paths = prepared.image_files()
     assert all(p.is_file() for p in paths)
     first = prepared.images.index[prepared.images["image_id"] == "train_00001"][0]
     assert np.array_equal(np.asarray(Image.open(paths[first])), as_image(train[0][0][0]))
+    # One size (32 x 32): prepare kept the decoded pixels, and the stages read the same values from them.
+    stored = prepared.image_paths()[first]
+    assert isinstance(stored, StoredPixels) and np.array_equal(np.asarray(load_rgb(stored)), as_image(train[0][0][0]))
     assert prepared.class_names == NAMES

@@ -216,7 +216,7 @@ def test_prepare_writes_tables_that_load_back(tmp_path):
     assert prepared.info["n_captions"] == 8
     assert prepared.info["n_rejected"] == {"image": 0, "annotation": 0, "note": 1}
     assert prepared.image_root == root / "Flicker8k_Dataset"
-    assert all(p.is_file() for p in prepared.image_paths())
+    assert all(p.is_file() for p in prepared.image_files())
     assert prepared.classes == []
     assert list(prepared.captions.columns) == ["caption_id", "image_id", "caption", "split"]
     assert set(prepared.captions["image_id"]) == set(prepared.images["image_id"])

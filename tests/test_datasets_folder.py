@@ -113,7 +113,7 @@ def test_prepare_writes_tables_that_load_back(tmp_path):
     assert prepared.info["source"] == "folder"
     assert prepared.info["n_images_per_split"] == {"train": 6, "val": 3, "test": 3}
     assert prepared.image_root == root
-    assert all(p.is_file() for p in prepared.image_paths())
+    assert all(p.is_file() for p in prepared.image_files())
     assert prepared.class_names == ["Moose", "ant", "zebra"]
     assert prepared.templates == DEFAULT_TEMPLATES
     assert prepared.captions is None

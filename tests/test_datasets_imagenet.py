@@ -197,7 +197,7 @@ def test_prepare_writes_tables_that_load_back(tmp_path):
     assert prepared.info["source"] == "imagenet"
     assert prepared.info["n_images"] == 12
     assert prepared.image_root == root / "val"
-    assert all(p.is_file() for p in prepared.image_paths())
+    assert all(p.is_file() for p in prepared.image_files())
     assert prepared.class_names == ["tench", "crane", "crane"]
     assert [c["wnid"] for c in prepared.classes] == ["n01440764", "n02012849", "n03126707"]
     assert prepared.templates == DEFAULT_TEMPLATES

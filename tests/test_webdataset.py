@@ -106,12 +106,14 @@ def test_prepare_writes_a_manifest_and_reads_images_in_place(tmp_path, shards, s
     captions = prepared.captions
     assert list(captions["caption"]) == [s["txt"] for s in samples] and (captions["split"] == images["split"]).all()
 
-    members = prepared.image_paths()
+    members = prepared.image_files()
     assert all(isinstance(m, TarMember) for m in members)
+    stored = prepared.image_paths()  # the shards' images, one size, decoded into the pixel store by prepare
     for i in (0, 1, 100, len(samples) - 1):  # JPEG and PNG members, first and last of a shard
         ext = "jpg" if "jpg" in samples[i] else "png"
         expected = np.asarray(Image.open(bytes_io.BytesIO(samples[i][ext])).convert("RGB"))
         assert np.array_equal(np.asarray(load_rgb(members[i])), expected)
+        assert np.array_equal(np.asarray(load_rgb(stored[i])), expected)
         # A `<shard>.tar/<member>` path (what the report's figures and the gallery hold) reads the same pixels.
         assert np.array_equal(np.asarray(load_rgb(prepared.image_root / images["path"].iloc[i])), expected)
 

@@ -60,7 +60,8 @@ class StoreBatches:
             # One slice when the rows are consecutive (a split is stored in table order), else a gather.
             consecutive = len(rows) and rows[-1] - rows[0] == len(rows) - 1 and (np.diff(rows) == 1).all()
             block = self.store[rows[0] : rows[-1] + 1] if consecutive else self.store[rows]
-            yield torch.from_numpy(np.ascontiguousarray(block)).permute(0, 3, 1, 2)
+            # A slice of the read-only memory map is copied (torch wants writable memory); a gather already is one.
+            yield torch.from_numpy(block if block.flags.writeable else block.copy()).permute(0, 3, 1, 2)
 
 
 def store_batches(loaded: LoadedModel, paths: Sequence, batch_size: int) -> StoreBatches | None:

@@ -71,7 +71,7 @@ def test_a_killed_stage_keeps_the_previous_output_and_the_rerun_completes(tmp_pa
 
     subprocess.run(prepare, check=True, capture_output=True)
     after = load_prepared(out)
-    assert len(after.images) == 2400 and all(path.is_file() for path in after.image_paths()[:50])
+    assert len(after.images) == 2400 and all(path.is_file() for path in after.image_files()[:50])
     assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["prepared"]  # leftovers cleaned
 
 
