@@ -59,7 +59,6 @@ RUNNING_STAGE = re.compile(r"Running stage '([^']+)'")
 
 
 def _busy_loop() -> None:  # pragma: no cover - runs in the competing process
-    os.nice(0)
     while True:
         pass
 

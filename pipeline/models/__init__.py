@@ -22,8 +22,8 @@ import torch
 from open_clip.modified_resnet import ModifiedResNet
 
 from pipeline import io
-from pipeline.errors import ModelError
-from pipeline.pixels import Normalise, SampleTransform, split_transform  # noqa: F401 (callers import it from here too)
+from pipeline.errors import ModelError  # noqa: F401 (callers import it from here too)
+from pipeline.pixels import Normalise, SampleTransform, split_transform
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 TINY_MODEL = "clipline-tiny"

@@ -58,7 +58,7 @@ class StoreBatches:
         for start in range(0, len(self.rows), self.batch_size):
             rows = self.rows[start : start + self.batch_size]
             # One slice when the rows are consecutive (a split is stored in table order), else a gather.
-            consecutive = len(rows) and rows[-1] - rows[0] == len(rows) - 1 and (np.diff(rows) == 1).all()
+            consecutive = (np.diff(rows) == 1).all()
             block = self.store[rows[0] : rows[-1] + 1] if consecutive else self.store[rows]
             # A slice of the read-only memory map is copied (torch wants writable memory); a gather already is one.
             yield torch.from_numpy(block if block.flags.writeable else block.copy()).permute(0, 3, 1, 2)
