@@ -42,6 +42,8 @@ def test_committed_params_yaml_holds_the_defaults_of_params_py():
         ("data:\n  source: folder\n", "data.root is required"),
         ("data:\n  splits: {train: 0.9, val: 0.2, test: 0.1}\n", "data.splits"),
         ("evaluate:\n  recall_k: [0, 5]\n", "evaluate.recall_k"),
+        ("runtime:\n  image_cache_mb: -1\n", "runtime.image_cache_mb"),
+        ("data:\n  synthetic:\n    extra_test_per_class: -5\n", "data.synthetic.extra_test_per_class"),
     ],
 )
 def test_bad_values_name_the_key(tmp_path, text, key):
