@@ -49,7 +49,9 @@ class SplitRatios(_Section):
 
 
 class DataParams(_Section):
-    source: Literal["synthetic", "imagenet", "flickr8k", "cifar10", "folder", "webdataset"] = "synthetic"
+    source: Literal[
+        "synthetic", "imagenet", "flickr8k", "flickr30k", "mscoco", "cifar10", "cifar100", "folder", "webdataset"
+    ] = "synthetic"
     # Where the raw dataset lives (ignored by `synthetic`). Relative paths are from the project root.
     # webdataset: a folder of .tar shards, one shard, or a brace pattern (`shards/{00000..00099}.tar`).
     root: Optional[str] = None
@@ -60,11 +62,12 @@ class DataParams(_Section):
     # image: every class is in every split (classification). class: the ratios apply to classes,
     # so test identities never appear in training (re-identification). folder and synthetic only.
     split_by: Literal["image", "class"] = "image"
-    # Fraction of an official train split held out as `val` (cifar10).
+    # Fraction of an official train split held out as `val` (cifar10, cifar100).
     val_fraction: float = Field(0.1, ge=0, lt=1)
     # Cap on images per split after splitting, for quick runs; null keeps all.
     max_images_per_split: Optional[int] = Field(None, ge=1)
-    # Download public datasets (cifar10, flickr8k) when `root` holds none and a network is there.
+    # Download public datasets (cifar10, cifar100, flickr8k) when `root` holds none and a network is
+    # there. imagenet, flickr30k and mscoco are never downloaded (registration, a form, 13 GB).
     download: bool = True
     # Decode every image once while preparing; a bad one is handled per on_bad_image.
     check_images: bool = True

@@ -31,7 +31,7 @@ def _overrides(command: str) -> list[str]:
 
 def test_readme_has_a_profile_per_real_source():
     sources = {m.group(1) for c in _commands() for m in [re.search(r"data\.source=(\w+)", c)] if m}
-    assert sources == {"imagenet", "flickr8k", "cifar10", "folder", "webdataset"}
+    assert sources == {"imagenet", "flickr8k", "flickr30k", "mscoco", "cifar10", "cifar100", "folder", "webdataset"}
 
 
 @pytest.mark.parametrize("command", _commands())

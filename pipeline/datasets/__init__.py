@@ -35,6 +35,9 @@ SOURCES = {
     "imagenet": "pipeline.datasets.imagenet",
     "flickr8k": "pipeline.datasets.flickr8k",
     "cifar10": "pipeline.datasets.cifar",
+    "cifar100": "pipeline.datasets.cifar",  # one module for both releases; it picks by data.source
+    "flickr30k": "pipeline.datasets.flickr30k",
+    "mscoco": "pipeline.datasets.mscoco",
     "folder": "pipeline.datasets.folder",
     "webdataset": "pipeline.datasets.webdataset_shards",
 }

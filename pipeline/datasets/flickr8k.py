@@ -10,8 +10,9 @@ Under `data.root` (the layout the two public zips unpack to; text files may also
     Flicker8k_Dataset/*.jpg       (the official zip's spelling; Flickr8k_Dataset/ or Images/ work too)
 
 Instead of the token and split files, Karpathy's `dataset_flickr8k.json` (captions and splits in
-one file, `restval` counted as train) is accepted. When both are there the official token file
-wins, because it is what the split files refer to; a note in dataset.json says the JSON was ignored.
+one file, `restval` counted as train; read by `karpathy.py`, as for flickr30k and mscoco) is
+accepted. When both are there the official token file wins, because it is what the split files
+refer to; a note in dataset.json says the JSON was ignored.
 
 The token file names a few images that do not exist (`2258277193_586949ec62.jpg.1#0` ...). Those
 captions are recorded as notes in rejected.parquet and never fail the stage. Images in no split file are left
@@ -20,7 +21,6 @@ out and counted in the notes.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 
@@ -36,6 +36,7 @@ from pipeline.datasets.base import (
     resolve_root,
     safe_member,
 )
+from pipeline.datasets.karpathy import image_id_of, read_karpathy
 from pipeline.params import DataParams
 
 TOKEN_FILE = "Flickr8k.token.txt"
@@ -47,7 +48,6 @@ SPLIT_FILES = {
 }
 TEXT_DIRS = (".", "Flickr8k_text")
 IMAGE_DIRS = ("Flicker8k_Dataset", "Flickr8k_Dataset", "Images")
-KARPATHY_SPLITS = {"train": "train", "restval": "train", "val": "val", "test": "test"}
 
 # jbrownlee's GitHub release mirror of the two zips the University of Illinois used to serve.
 # The md5 sums are the ones the R torchvision package (mlverse/torchvision, R/dataset-flickr.R)
@@ -83,8 +83,8 @@ def prepare(params: DataParams, out_dir: Path) -> PreparedDataset:
         captions = _read_token_file(token_path, rejections)
     else:
         notes.append(f"captions and splits from {karpathy_path} (Karpathy split, restval counted as train)")
-        splits, captions = _read_karpathy(karpathy_path)
-        listed_at = {file: str(karpathy_path) for file in splits}
+        listing = read_karpathy(karpathy_path, rejections)
+        splits, captions, listed_at = listing.splits, listing.captions, listing.origin
 
     # Captions of images that are not on disk (the token file's `.jpg.1` entries): reported only.
     absent = captions[~captions["file"].isin(on_disk)]
@@ -110,7 +110,7 @@ def prepare(params: DataParams, out_dir: Path) -> PreparedDataset:
         if file not in captioned:
             uncaptioned += 1
             continue
-        rows.append({"image_id": Path(file).stem, "path": file, "split": split, "label": None, "class_name": None})
+        rows.append({"image_id": image_id_of(file), "path": file, "split": split, "label": None, "class_name": None})
     if uncaptioned:
         notes.append(f"{uncaptioned} images in the split files have no captions and were left out")
     if not rows:
@@ -120,7 +120,7 @@ def prepare(params: DataParams, out_dir: Path) -> PreparedDataset:
     if params.check_images:
         images = drop_unreadable(images, image_dir, rejections, params.max_image_pixels)
     captions = captions[captions["file"].isin(set(images["path"]))].copy()
-    captions["image_id"] = captions["file"].map(lambda f: Path(f).stem)
+    captions["image_id"] = captions["file"].map(image_id_of)
     captions["caption_id"] = captions["image_id"] + "#" + captions["n"].astype(str)
     captions["split"] = captions["file"].map(splits)
     return PreparedDataset(
@@ -220,41 +220,3 @@ def _read_token_file(path: Path, rejections: Rejections) -> pd.DataFrame:
     if not rows:
         raise DatasetError(f"{path}: no captions")
     return pd.DataFrame(rows)
-
-
-def _read_karpathy(path: Path) -> tuple[dict[str, str], pd.DataFrame]:
-    """Karpathy's JSON: ({image file name: split}, captions as in _read_token_file)."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        entries = data["images"]
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise DatasetError(f"{path}: not valid JSON ({err})") from None
-    except (KeyError, TypeError):
-        raise DatasetError(f"{path}: expected an object with an 'images' list") from None
-    if not isinstance(entries, list):
-        raise DatasetError(f"{path}: expected an object with an 'images' list, got {type(entries).__name__}")
-    splits: dict[str, str] = {}
-    rows = []
-    for position, entry in enumerate(entries):
-        where = f"{path}: images[{position}]"
-        try:
-            file = entry["filename"]
-            split = entry["split"]
-            sentences = entry["sentences"]
-        except (KeyError, TypeError):
-            raise DatasetError(f"{where}: needs 'filename', 'split' and 'sentences'") from None
-        if not isinstance(file, str) or not isinstance(sentences, list):
-            raise DatasetError(f"{where}: 'filename' must be a string and 'sentences' a list")
-        safe_member(path.parent, file, where)
-        if not isinstance(split, str) or split not in KARPATHY_SPLITS:
-            raise DatasetError(f"{where}: unknown split {split!r} (expected one of {sorted(KARPATHY_SPLITS)})")
-        if file in splits:
-            raise DatasetError(f"{where}: {file} appears twice")
-        splits[file] = KARPATHY_SPLITS[split]
-        for n, sentence in enumerate(sentences):
-            if not isinstance(sentence, dict) or not isinstance(sentence.get("raw"), str):
-                raise DatasetError(f"{where}.sentences[{n}]: needs a 'raw' caption string")
-            rows.append({"file": file, "n": n, "caption": sentence["raw"].strip(), "source": where})
-    if not rows:
-        raise DatasetError(f"{path}: no captions")
-    return splits, pd.DataFrame(rows)

@@ -12,7 +12,7 @@ import scipy.io
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipeline.datasets import cifar, flickr8k, imagenet
+from pipeline.datasets import cifar, flickr8k, imagenet, karpathy
 from pipeline.datasets.base import DatasetError, Rejections
 
 # More examples for a deeper search: HYPOTHESIS_MAX_EXAMPLES=1000 python -m pytest tests/reliability
@@ -43,6 +43,7 @@ KARPATHY_ENTRY = st.fixed_dictionaries(
     {},
     optional={
         "filename": st.one_of(text(max_size=12), JSON_VALUE),
+        "filepath": st.one_of(st.sampled_from(["train2014", "val2014"]), JSON_VALUE),
         "split": st.one_of(st.sampled_from(["train", "restval", "val", "test"]), JSON_VALUE),
         "sentences": st.one_of(st.lists(st.one_of(st.fixed_dictionaries({"raw": JSON_VALUE}), JSON_VALUE), max_size=3), JSON_VALUE),
     },
@@ -85,15 +86,19 @@ def test_flickr8k_split_files(contents):
 
 
 @SETTINGS
-@given(document=st.one_of(JSON_VALUE, st.fixed_dictionaries({"images": st.one_of(st.lists(KARPATHY_ENTRY, max_size=4), JSON_VALUE)})))
-def test_flickr8k_karpathy_json(document):
-    _parse(lambda p: p.write_text(json.dumps(document)), flickr8k._read_karpathy)
+@given(
+    document=st.one_of(JSON_VALUE, st.fixed_dictionaries({"images": st.one_of(st.lists(KARPATHY_ENTRY, max_size=4), JSON_VALUE)})),
+    policy=st.sampled_from(["fail", "skip"]),
+    folder_key=st.sampled_from([None, "filepath"]),  # flickr8k/flickr30k, mscoco
+)
+def test_karpathy_json(document, policy, folder_key):
+    _parse(lambda p: p.write_text(json.dumps(document)), lambda p: karpathy.read_karpathy(p, Rejections(policy, policy), folder_key))
 
 
 @SETTINGS
 @given(raw=st.binary(max_size=100))
-def test_flickr8k_karpathy_raw_bytes(raw):
-    _parse(lambda p: p.write_bytes(raw), flickr8k._read_karpathy)
+def test_karpathy_raw_bytes(raw):
+    _parse(lambda p: p.write_bytes(raw), karpathy.read_karpathy)
 
 
 @SETTINGS
@@ -147,7 +152,7 @@ def test_cifar_python_batch(obj, protocol):
 
 
 @SETTINGS
-@given(raw=st.binary(max_size=2 * cifar.RECORD_BYTES + 3))
-def test_cifar_raw_bytes(raw):
+@given(raw=st.binary(max_size=2 * cifar.CIFAR100.record_bytes + 3), variant=st.sampled_from([cifar.CIFAR10, cifar.CIFAR100]))
+def test_cifar_raw_bytes(raw, variant):
     for parse in (cifar._read_py_batch, cifar._read_bin_batch, cifar._read_py_meta, cifar._read_bin_meta):
-        _parse(lambda p: p.write_bytes(raw), parse)
+        _parse(lambda p: p.write_bytes(raw), lambda p: parse(p, variant))
