@@ -3,15 +3,26 @@
 `info` reads the reports; `search`, `similar`, `classify`, `verify`, `add` and `serve` load the
 trained model and the gallery index once through `pipeline.predict.Predictor`. The artifact
 locations are options of the app, before the command (clipline --model M search ...).
+
+`info`, `search`, `similar`, `classify` and `verify` print a table for people, or with `--json` one
+JSON document for scripts; both go through `_emit`.
 """
 
 from __future__ import annotations
 
+import json
+import math
+import numbers
+import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+import numpy as np
 import pandas as pd
 import typer
+from rich import box
+from rich.console import Console
+from rich.table import Table
 
 from pipeline import io
 from pipeline.predict import PredictError, Predictor
@@ -51,20 +62,82 @@ def _in_project(ctx: typer.Context, name: str, path: Path) -> Path:
     return root / path
 
 
+JSON_OPTION = typer.Option(False, "--json", help="print one JSON document on stdout instead of the table (for scripts)")
+
+
+def _jsonable(value):
+    """Plain JSON values: numpy scalars as Python numbers, NaN and infinities as null (JSON has no
+    NaN; `json.dumps` would write a token other parsers reject), paths as strings."""
+    if isinstance(value, dict):
+        return {str(key): _jsonable(inner) for key, inner in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(inner) for inner in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def _cell(value) -> str:
+    """A table cell: floats to 4 decimals, missing values (None, NaN) blank."""
+    if isinstance(value, np.generic):
+        value = value.item()
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def _console() -> Console:
+    """Rich on stdout, made now so it writes to whatever stdout is at the call (CliRunner swaps it).
+    Not a terminal (a pipe, a file, a test): no colour and no wrapping, so each row stays on one line
+    for grep; on a terminal long cells fold (see `_table`) rather than being cut with an ellipsis.
+    No markup or emoji: paths and labels are data, and "[x]" or ":cat:" in them must print as is."""
+    width = None if sys.stdout.isatty() else 100_000
+    return Console(width=width, markup=False, emoji=False, highlight=False)
+
+
+def _table(rows: Sequence[dict]) -> Table:
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)  # a header rule, no frame: easy to read and to grep
+    for name in rows[0]:
+        numeric = all(isinstance(row[name], numbers.Real) and not isinstance(row[name], (bool, np.bool_)) for row in rows if row[name] is not None)
+        table.add_column(name, justify="right" if numeric else "left", overflow="fold", no_wrap=numeric)
+    for row in rows:
+        table.add_row(*(_cell(value) for value in row.values()))
+    return table
+
+
+def _emit(as_json: bool, document: dict, rows: Optional[Sequence[dict]] = None, notes: Sequence[str] = ()) -> None:
+    """The one place the commands print their answer. With --json: `document` alone on stdout, so
+    `json.loads(stdout)` always works (notes belong in the document then). Otherwise `rows` as a
+    table (None: no table) and then the notes, one a line."""
+    if as_json:
+        typer.echo(json.dumps(_jsonable(document), indent=2, allow_nan=False))
+        return
+    if rows is not None:
+        if rows:
+            _console().print(_table(rows))
+        else:
+            typer.echo("(nothing found)")
+    for note in notes:
+        typer.echo(note)
+
+
 @app.command()
 @user_errors_exit_cleanly
 def info(
     ctx: typer.Context,
     reports: Path = typer.Option(Path("reports"), help="reports folder written by `dvc repro`"),
+    as_json: bool = JSON_OPTION,
 ) -> None:
     """Show what the last `dvc repro` built and measured: dataset, model, index, metrics."""
     metrics = io.read_json(_in_project(ctx, "reports", reports) / "metrics.json")
     rows: list[tuple[str, object]] = []
     _flatten("", metrics, rows)
-    width = max(len(key) for key, _ in rows)
-    for key, value in rows:
-        shown = f"{value:.4f}" if isinstance(value, float) else value
-        typer.echo(f"{key.ljust(width)}  {shown}")
+    # JSON: metrics.json as it is, nested; the table: one dotted key per line (lists left out).
+    _emit(as_json, metrics, [{"metric": key, "value": value} for key, value in rows])
 
 
 class Artifacts:
@@ -75,41 +148,38 @@ class Artifacts:
     def __init__(self, ctx: typer.Context, paths: dict[str, Path], gallery: Optional[Path], device: str):
         self.ctx, self.paths, self.gallery, self.device = ctx, paths, gallery, device
 
+    def path(self, name: str) -> Path:
+        return _in_project(self.ctx, name, self.paths[name])
+
     def predictor(self) -> Predictor:
-        path = {name: _in_project(self.ctx, name, given) for name, given in self.paths.items()}
+        path = {name: self.path(name) for name in self.paths}
         return Predictor.from_artifacts(path["model"], path["index"], path["data"], path["metrics"], self.device, path["embeddings"], self.gallery)
 
 
-def _print_table(rows: Sequence[dict]) -> None:
-    """Aligned columns with a header; floats to 4 decimals, missing values blank."""
-    if not rows:
-        typer.echo("(nothing found)")
-        return
-    cells = [[("" if v is None or (isinstance(v, float) and pd.isna(v)) else f"{v:.4f}" if isinstance(v, float) else str(v)) for v in row.values()] for row in rows]
-    header = list(rows[0].keys())
-    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(header)]
-    typer.echo("  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip())
-    for row in cells:
-        typer.echo("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
-
-
-def _show_hits(hits: pd.DataFrame, out: Optional[Path], query_image: Optional[Path] = None, query_text: Optional[str] = None) -> None:
-    _print_table(
-        [
-            {"rank": rank, "score": float(hit.score), "image_id": hit.image_id, "class": None if pd.isna(hit.class_name) else hit.class_name, "path": hit.full_path}
-            for rank, hit in enumerate(hits.itertuples(), start=1)
-        ]
-    )
+def _show_hits(hits: pd.DataFrame, query: dict, as_json: bool, out: Optional[Path], metric: Optional[str]) -> None:
+    """search and similar: the query, its hits best first, and the contact sheet when asked for."""
+    results = [
+        {"rank": rank, "score": float(hit.score), "image_id": hit.image_id, "class": None if pd.isna(hit.class_name) else hit.class_name, "path": hit.full_path}
+        for rank, hit in enumerate(hits.itertuples(), start=1)
+    ]
+    notes = []
     if out is not None:
         from pipeline.reporting.figures import contact_sheet  # matplotlib only when a sheet is asked for
 
-        contact_sheet(hits, out, query_image=query_image, query_text=query_text)
-        typer.echo(f"contact sheet -> {out}")
+        contact_sheet(hits, out, query_image=None if "image" not in query else Path(query["image"]), query_text=query.get("text"))
+        notes.append(f"contact sheet -> {out}")
+    document = {"query": query, "metric": metric, "results": results, "contact_sheet": None if out is None else str(out)}
+    _emit(as_json, document, results, notes)
 
 
 TOP_K_OPTION = typer.Option(5, "--top-k", "-k", help="how many results")
 SHEET_OPTION = typer.Option(None, "--out", help="write a contact sheet (PNG) of the query and its results")
 SHEET_FORMATS = (".png", ".jpg", ".jpeg", ".pdf", ".svg")
+
+
+def _metric(predictor: Predictor) -> Optional[str]:
+    """What the scores are: the index metric (ip: cosine similarity, l2: squared distance)."""
+    return None if predictor.index is None else predictor.index.info.get("metric")
 
 
 def _check_sheet_path(out: Optional[Path]) -> None:
@@ -130,16 +200,15 @@ def search(
     image: Optional[Path] = typer.Option(None, "--image", "-i", help="find images similar to this one"),
     top_k: int = TOP_K_OPTION,
     out: Optional[Path] = SHEET_OPTION,
+    as_json: bool = JSON_OPTION,
 ) -> None:
     """Search the gallery (the pipeline's index plus added images) by text or by image."""
     if (text is None) == (image is None):
         raise PredictError("give exactly one of --text or --image")
     _check_sheet_path(out)
     predictor = ctx.obj.predictor()
-    if text is not None:
-        _show_hits(predictor.search_text(text, top_k), out, query_text=text)
-    else:
-        _show_hits(predictor.similar(image, top_k), out, query_image=image)
+    hits = predictor.search_text(text, top_k) if text is not None else predictor.similar(image, top_k)
+    _show_hits(hits, {"text": text} if text is not None else {"image": str(image)}, as_json, out, _metric(predictor))
 
 
 @app.command()
@@ -151,26 +220,48 @@ def verify(
     pairs: Optional[Path] = typer.Option(None, help="CSV with columns image1,image2 (a batch instead of two images)"),
     out: Optional[Path] = typer.Option(None, help="where to write the batch results as CSV (default: stdout)"),
     threshold: Optional[float] = typer.Option(None, min=0.0, help="distance threshold, >= 0 (default: the one evaluate chose)"),
+    as_json: bool = JSON_OPTION,
 ) -> None:
     """Are two images the same class / identity? Prints same or different, the distance and a confidence."""
     if pairs is None and (image1 is None or image2 is None):
         raise PredictError("give two images, or --pairs pairs.csv")
     predictor = ctx.obj.predictor()
+    # Said in the JSON so a script knows whether the decision rests on evaluate's choice (the
+    # metrics file's verification.threshold) or on its own --threshold.
+    source = {"threshold_source": "--threshold" if threshold is not None else "evaluate", "metrics": str(ctx.obj.path("metrics"))}
     if pairs is not None:
         if not pairs.is_file():
             raise FileNotFoundError(f"{pairs}: pairs file not found")
         results = predictor.verify_pairs(pd.read_csv(pairs), threshold)
-        if out is None:
-            typer.echo(results.to_csv(index=False), nl=False)
-        else:
+        n_same = int(results["same"].sum())
+        if out is not None:
             io.write_text(out, results.to_csv(index=False))
-            typer.echo(f"{int(results['same'].sum())} of {len(results)} pairs same -> {out}")
+        if as_json:
+            document = {"pairs": str(pairs), **source, "n_pairs": len(results), "n_same": n_same, "out": None if out is None else str(out)}
+            _emit(True, document if out is not None else {**document, "results": results.to_dict("records")})
+        elif out is None:
+            typer.echo(results.to_csv(index=False), nl=False)  # CSV on stdout: already machine-readable
+        else:
+            typer.echo(f"{n_same} of {len(results)} pairs same -> {out}")
         return
     verdict = predictor.verify(image1, image2, threshold)
-    typer.echo(
-        f"{'same' if verdict.same else 'different'}  distance {verdict.distance:.4f}  "
+    document = {
+        "image1": str(image1),
+        "image2": str(image2),
+        "distance": verdict.distance,
+        # Embeddings are unit length, so the cosine similarity follows from the distance: 1 - d^2 / 2.
+        "similarity": 1.0 - verdict.distance**2 / 2.0,
+        "threshold": verdict.threshold,
+        **source,
+        "same": verdict.same,  # distance <= threshold
+        "decision": "same" if verdict.same else "different",
+        "confidence": verdict.confidence,
+    }
+    line = (
+        f"{document['decision']}  distance {verdict.distance:.4f}  "
         f"threshold {verdict.threshold:.4f}  confidence {verdict.confidence:.2f}"
     )
+    _emit(as_json, document, notes=[line])  # one line says it better than a one-row table
 
 
 @app.command()
@@ -180,10 +271,12 @@ def similar(
     query: Path = typer.Argument(..., help="query image"),
     top_k: int = TOP_K_OPTION,
     out: Optional[Path] = SHEET_OPTION,
+    as_json: bool = JSON_OPTION,
 ) -> None:
     """The nearest images to QUERY, with their similarity scores (the same as search --image)."""
     _check_sheet_path(out)
-    _show_hits(ctx.obj.predictor().similar(query, top_k), out, query_image=query)
+    predictor = ctx.obj.predictor()
+    _show_hits(predictor.similar(query, top_k), {"image": str(query)}, as_json, out, _metric(predictor))
 
 
 @app.command()
@@ -194,12 +287,22 @@ def classify(
     labels: Optional[str] = typer.Option(None, help='comma-separated candidate labels, e.g. "cat,dog,car"'),
     classes_from_dataset: bool = typer.Option(False, "--classes-from-dataset", help="use the prepared dataset's classes (the default without --labels)"),
     top_k: int = TOP_K_OPTION,
+    as_json: bool = JSON_OPTION,
 ) -> None:
     """Zero-shot classification with the prompt-template ensemble; probabilities, most likely first."""
     if labels is not None and classes_from_dataset:
         raise PredictError("give --labels or --classes-from-dataset, not both")
-    predictions = ctx.obj.predictor().classify(image, None if labels is None else labels.split(","), top_k)
-    _print_table(predictions.to_dict("records"))
+    predictor = ctx.obj.predictor()
+    predictions = predictor.classify(image, None if labels is None else labels.split(","), top_k)
+    results = [{"rank": rank, **row} for rank, row in enumerate(predictions.to_dict("records"), start=1)]
+    document = {
+        "image": str(image),
+        # Where the candidate labels came from, and the templates each was embedded with.
+        "labels_from": "--labels" if labels is not None else "dataset",  # dataset: the prepared data's classes.json
+        "templates": list(predictor.classes.templates),
+        "results": results,
+    }
+    _emit(as_json, document, results)
 
 
 @app.command()

@@ -1,4 +1,6 @@
-"""`clipline verify` / `clipline similar` and the Predictor API on a tiny artifact set."""
+"""`clipline verify` / `clipline similar` / `clipline info` and the Predictor API on a tiny artifact set."""
+
+import json
 
 import pandas as pd
 import pytest
@@ -8,14 +10,33 @@ from pipeline import cli
 from pipeline.predict import Predictor
 
 
+def _json(args) -> dict:
+    """A command's `--json` answer: stdout alone must be one JSON document (notes go to stderr)."""
+    result = runner.invoke(cli.app, [str(a) for a in [*args, "--json"]])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    return json.loads(result.stdout)
+
+
 def test_verify_two_images_uses_the_threshold_evaluate_chose(artifacts):
     a, b = artifacts["images"][0], artifacts["images"][-1]
-    out = _invoke(cli.app, [*_where(artifacts), "verify", a, b])
-    assert out.split()[0] in ("same", "different") and "distance" in out and "confidence" in out
     chosen = Predictor.from_artifacts(artifacts["model"], artifacts["index"], artifacts["data"], artifacts["reports"] / "metrics.json")
-    assert f"threshold {chosen.threshold():.4f}" in out
-    assert _invoke(cli.app, [*_where(artifacts), "verify", a, a]).startswith("same  distance 0.0000")
-    assert _invoke(cli.app, [*_where(artifacts), "verify", a, b, "--threshold", "0"]).startswith("different")
+    answer = _json([*_where(artifacts), "verify", a, b])
+    assert set(answer) == {"image1", "image2", "distance", "similarity", "threshold", "threshold_source", "metrics", "same", "decision", "confidence"}
+    assert (answer["image1"], answer["image2"]) == (str(a), str(b))
+    assert answer["threshold"] == pytest.approx(chosen.threshold()) and answer["threshold_source"] == "evaluate"
+    assert answer["metrics"] == str(artifacts["reports"] / "metrics.json")
+    # The decision is the distance against the threshold; the similarity is the same measure as a cosine.
+    assert answer["same"] == (answer["distance"] <= answer["threshold"]) and answer["decision"] == ("same" if answer["same"] else "different")
+    assert answer["similarity"] == pytest.approx(1 - answer["distance"] ** 2 / 2) and 0.5 <= answer["confidence"] <= 1
+    # The line for people says the same.
+    out = _invoke(cli.app, [*_where(artifacts), "verify", a, b])
+    assert out == f"{answer['decision']}  distance {answer['distance']:.4f}  threshold {answer['threshold']:.4f}  confidence {answer['confidence']:.2f}\n"
+
+    itself = _json([*_where(artifacts), "verify", a, a])
+    assert itself["decision"] == "same" and itself["same"] is True and itself["distance"] == pytest.approx(0, abs=1e-5)
+    assert itself["similarity"] == pytest.approx(1, abs=1e-6)
+    strict = _json([*_where(artifacts), "verify", a, b, "--threshold", "0"])
+    assert strict["decision"] == "different" and strict["threshold"] == 0 and strict["threshold_source"] == "--threshold"
 
 
 def test_verify_pairs_file_writes_csv(artifacts, tmp_path):
@@ -28,24 +49,63 @@ def test_verify_pairs_file_writes_csv(artifacts, tmp_path):
     assert list(results.columns) == ["image1", "image2", "distance", "same", "threshold", "confidence"]
     assert bool(results.at[0, "same"]) and results.at[0, "distance"] == pytest.approx(0, abs=1e-5)
     assert results["confidence"].between(0.5, 1.0).all()
+    # --json: the rows themselves, or with --out the file written and the counts.
+    answer = _json([*_where(artifacts), "verify", "--pairs", pairs])
+    assert answer["n_pairs"] == 2 and answer["n_same"] == int(results["same"].sum()) and answer["out"] is None
+    assert [row["same"] for row in answer["results"]] == list(results["same"])
+    assert [row["distance"] for row in answer["results"]] == pytest.approx(list(results["distance"]))
+    written = _json([*_where(artifacts), "verify", "--pairs", pairs, "--out", tmp_path / "again.csv"])
+    assert written["out"] == str(tmp_path / "again.csv") and "results" not in written
+    assert pd.read_csv(tmp_path / "again.csv").equals(results)
 
 
 def test_similar_finds_the_query_itself_first_and_draws_a_sheet(artifacts, tmp_path):
     query = artifacts["images"][3]
     sheet = tmp_path / "sheet.png"
-    out = _invoke(cli.app, [*_where(artifacts), "similar", query, "--top-k", "3", "--out", sheet])
-    lines = [line for line in out.splitlines() if line.strip()[:1].isdigit()]
-    assert len(lines) == 3 and query.stem in lines[0] and " 1.0000 " in f" {lines[0].split()[1]} "
+    answer = _json([*_where(artifacts), "similar", query, "--top-k", "3", "--out", sheet])
+    assert answer["query"] == {"image": str(query)} and answer["contact_sheet"] == str(sheet)
+    assert [hit["rank"] for hit in answer["results"]] == [1, 2, 3]
+    top = answer["results"][0]
+    assert top["image_id"] == query.stem and top["score"] == pytest.approx(1.0, abs=1e-4) and top["path"] == str(query)
+    assert [hit["score"] for hit in answer["results"]] == sorted((hit["score"] for hit in answer["results"]), reverse=True)
     assert sheet.stat().st_size > 1000
+    # `similar Q` is `search --image Q`.
+    assert _json([*_where(artifacts), "search", "--image", query, "--top-k", "3"])["results"] == answer["results"]
 
 
-@pytest.mark.parametrize("command", [["verify", "{missing}", "{image}"], ["similar", "{missing}"], ["verify", "--pairs", "{missing}"]])
-def test_bad_paths_are_clear_errors_not_tracebacks(artifacts, tmp_path, command):
+def test_info_json_is_metrics_json_and_the_table_shows_it_flat(artifacts):
+    metrics = json.loads((artifacts["reports"] / "metrics.json").read_text())
+    assert _json(["info", "--reports", artifacts["reports"]]) == metrics
+    out = _invoke(cli.app, ["info", "--reports", artifacts["reports"]])
+    rows = {line.split()[0]: line.split()[1:] for line in out.splitlines()[2:]}
+    assert rows["dataset.source"] == [metrics["dataset"]["source"]]
+    assert rows["zero_shot.top1"] == [f"{metrics['zero_shot']['top1']:.4f}"]
+
+
+def test_info_shows_nan_as_null_and_blank(tmp_path):
+    """JSON has no NaN: a metric that came out NaN (or infinite) is null in --json and blank in the table."""
+    (tmp_path / "metrics.json").write_text('{"verification": {"roc_auc": NaN, "eer": Infinity, "n_pairs": 0}, "probe": {"dims": [1, 2]}}')
+    result = runner.invoke(cli.app, ["info", "--reports", str(tmp_path), "--json"])
+    assert result.exit_code == 0 and "NaN" not in result.stdout
+    assert json.loads(result.stdout) == {"verification": {"roc_auc": None, "eer": None, "n_pairs": 0}, "probe": {"dims": [1, 2]}}
+    out = _invoke(cli.app, ["info", "--reports", tmp_path])
+    assert [line.split() for line in out.splitlines()[2:]] == [["verification.roc_auc"], ["verification.eer", "inf"], ["verification.n_pairs", "0"]]
+
+
+BAD_PATHS = [
+    ["verify", "{missing}", "{image}"], ["similar", "{missing}"], ["verify", "--pairs", "{missing}"],
+    ["classify", "{missing}"], ["search", "--image", "{missing}"],
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("as_json", [[], ["--json"]], ids=["table", "json"])
+@pytest.mark.parametrize("command", BAD_PATHS)
+def test_bad_paths_are_clear_errors_not_tracebacks(artifacts, tmp_path, command, as_json):
     missing = tmp_path / "no_such_image.jpg"
     args = [c.format(missing=missing, image=artifacts["images"][0]) for c in command]
-    result = runner.invoke(cli.app, [*map(str, _where(artifacts)), *args])
-    assert result.exit_code == 1
-    assert "error:" in result.output and str(missing) in result.output and "Traceback" not in result.output
+    result = runner.invoke(cli.app, [*map(str, _where(artifacts)), *args, *as_json])
+    assert result.exit_code == 1 and result.stdout == ""  # --json too: nothing on stdout for a script to misread
+    assert "error:" in result.stderr and str(missing) in result.stderr and "Traceback" not in result.output
 
 
 def test_corrupt_image_and_missing_second_image(artifacts, tmp_path):
@@ -88,9 +148,9 @@ def test_commands_find_the_project_from_any_folder_inside_it(artifacts, monkeypa
     (root / "dvc.yaml").write_text("stages: {}\n")
     try:
         monkeypatch.chdir(artifacts["reports"] / "train")
-        out = _invoke(cli.app, ["similar", artifacts["images"][3], "-k", "2"])
-        assert artifacts["images"][3].stem in out.splitlines()[1]
+        assert _json(["similar", artifacts["images"][3], "-k", "2"])["results"][0]["image_id"] == artifacts["images"][3].stem
         assert "dataset.source" in _invoke(cli.app, ["info"])
+        assert _json(["verify", artifacts["images"][0], artifacts["images"][1]])["metrics"] == str(root / "reports" / "metrics.json")
     finally:
         (root / "dvc.yaml").unlink()
     monkeypatch.chdir(tmp_path)  # no dvc.yaml here or above
@@ -108,3 +168,24 @@ def test_a_contact_sheet_path_without_an_image_format_is_refused_up_front(artifa
 def test_a_negative_threshold_is_refused(artifacts):
     result = runner.invoke(cli.app, [*map(str, _where(artifacts)), "verify", str(artifacts["images"][0]), str(artifacts["images"][1]), "--threshold", "-1"])
     assert result.exit_code == 2 and "--threshold" in result.output
+
+
+def test_a_narrow_terminal_folds_long_paths_instead_of_cutting_them(monkeypatch):
+    """On a terminal the table fits its width; a long path folds onto more lines, every character kept."""
+    import io as stdio
+    import re
+
+    class Terminal(stdio.StringIO):
+        def isatty(self):
+            return True
+
+    path = "/a/rather/long/folder/name/that/does/not/fit/in/forty/columns/image_00001.png"
+    terminal = Terminal()
+    monkeypatch.setenv("COLUMNS", "40")
+    monkeypatch.setattr("sys.stdout", terminal)
+    cli._emit(False, {}, [{"rank": 1, "score": 0.123456, "image_id": "image_00001", "class": None, "path": path}])
+    lines = re.sub(r"\x1b\[[0-9;]*m", "", terminal.getvalue()).splitlines()  # a terminal gets colour; these tests do not read it
+    assert max(len(line) for line in lines) <= 40 and "…" not in terminal.getvalue()
+    rule = next(i for i, line in enumerate(lines) if set(line.strip()) == {"─"})
+    assert lines[rule + 1].split()[:2] == ["1", "0.1235"]
+    assert "".join(line.split()[-1] for line in lines[rule + 1 :]) == path  # the last column, folded

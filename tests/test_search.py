@@ -1,6 +1,9 @@
 """`clipline search`, `classify` and `add`, and the gallery behind them, on the tiny artifacts."""
 
+import json
 import shutil
+
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -14,13 +17,11 @@ from pipeline.predict import PredictError
 from pipeline.retrieval.gallery import GalleryError
 
 
-def _table(output: str) -> pd.DataFrame:
-    """The rows of a printed table, cut at the header's column starts (blank cells stay blank)."""
-    lines = [line for line in output.splitlines() if line.strip()]
-    header = lines[0]
-    starts = [i for i, ch in enumerate(header) if ch != " " and (i == 0 or header[i - 1] == " ")]
-    cuts = list(zip(starts, starts[1:] + [None]))
-    return pd.DataFrame([[line[a:b].strip() for a, b in cuts] for line in lines[1:]], columns=header.split())
+def _json(args) -> dict:
+    """A command's `--json` answer: stdout alone must be one JSON document (notes go to stderr)."""
+    result = runner.invoke(cli.app, [str(a) for a in [*args, "--json"]])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    return json.loads(result.stdout)
 
 
 def _new_images(folder):
@@ -37,22 +38,38 @@ def test_text_search_is_exact_search_over_the_embedded_images(artifacts):
     texts, text_emb = io.read_embeddings(artifacts["emb"] / "texts")
     images, image_emb = io.read_embeddings(artifacts["emb"] / "images")
     caption = pd.read_parquet(artifacts["data"] / "captions.parquet").set_index("caption_id").loc[texts["caption_id"][7], "caption"]
-    out = invoke(cli.app, [*where(artifacts), "search", "--text", caption, "--top-k", "4"])
-    table = _table(out)
-    assert list(table.columns) == ["rank", "score", "image_id", "class", "path"] and len(table) == 4
+    answer = _json([*where(artifacts), "search", "--text", caption, "--top-k", "4"])
+    assert answer["query"] == {"text": caption} and answer["metric"] == "ip" and answer["contact_sheet"] is None
+    hits = pd.DataFrame(answer["results"])
+    assert list(hits.columns) == ["rank", "score", "image_id", "class", "path"] and list(hits["rank"]) == [1, 2, 3, 4]
+    assert hits["score"].is_monotonic_decreasing and all(isinstance(score, float) for score in hits["score"])
     # The query is embedded as embed embedded the captions, and the Flat index is exact search.
     expected = np.argsort(-(image_emb @ text_emb[7]))[:4]
-    assert list(table["image_id"]) == list(images["image_id"].iloc[expected])
-    assert np.allclose(table["score"].astype(float), (image_emb @ text_emb[7])[expected], atol=1e-4)
+    assert list(hits["image_id"]) == list(images["image_id"].iloc[expected])
+    assert np.allclose(hits["score"], (image_emb @ text_emb[7])[expected], atol=1e-5)
+    assert all(Path(path).is_file() for path in hits["path"])
+
+
+def test_the_search_table_shows_the_top_hit_in_full(artifacts):
+    """The human table: the top hit's id and its score at 4 decimals, long paths whole on one line
+    (not a terminal: no wrapping), no colour codes."""
+    top = _json([*where(artifacts), "search", "--text", "a red circle", "-k", "3"])["results"][0]
+    out = invoke(cli.app, [*where(artifacts), "search", "--text", "a red circle", "-k", "3"])
+    header, rule, first, *rest = out.splitlines()
+    assert header.split() == ["rank", "score", "image_id", "class", "path"] and set(rule) == {"─"} and len(rest) == 2
+    assert first.split() == ["1", f"{top['score']:.4f}", top["image_id"], top["class"], top["path"]]
+    assert "\x1b[" not in out
 
 
 def test_image_search_finds_the_query_first_and_draws_a_sheet(artifacts, tmp_path):
     query = artifacts["images"][2]
-    out = invoke(cli.app, [*where(artifacts), "search", "--image", query, "-k", "3", "--out", tmp_path / "sheet.png"])
-    table = _table(out.split("contact sheet")[0])
-    assert table.at[0, "image_id"] == query.stem and float(table.at[0, "score"]) == pytest.approx(1.0, abs=1e-4)
-    assert (tmp_path / "sheet.png").stat().st_size > 1000
-    invoke(cli.app, [*where(artifacts), "search", "--text", "a red circle", "-k", "2", "--out", tmp_path / "text_sheet.png"])
+    answer = _json([*where(artifacts), "search", "--image", query, "-k", "3", "--out", tmp_path / "sheet.png"])
+    assert answer["query"] == {"image": str(query)} and len(answer["results"]) == 3
+    assert answer["results"][0]["image_id"] == query.stem and answer["results"][0]["score"] == pytest.approx(1.0, abs=1e-4)
+    # With --json the sheet is still drawn, and its path is in the document rather than a printed line.
+    assert answer["contact_sheet"] == str(tmp_path / "sheet.png") and (tmp_path / "sheet.png").stat().st_size > 1000
+    out = invoke(cli.app, [*where(artifacts), "search", "--text", "a red circle", "-k", "2", "--out", tmp_path / "text_sheet.png"])
+    assert out.splitlines()[-1] == f"contact sheet -> {tmp_path / 'text_sheet.png'}"
     assert (tmp_path / "text_sheet.png").stat().st_size > 1000
 
 
@@ -64,10 +81,12 @@ BAD_SEARCHES = [
 ]
 
 
+@pytest.mark.parametrize("as_json", [[], ["--json"]], ids=["table", "json"])
 @pytest.mark.parametrize("args, message", BAD_SEARCHES)
-def test_search_rejects_bad_requests_clearly(artifacts, args, message):
-    result = runner.invoke(cli.app, [*map(str, where(artifacts)), "search", *args])
-    assert result.exit_code == 1 and message in result.output and "Traceback" not in result.output
+def test_search_rejects_bad_requests_clearly(artifacts, args, message, as_json):
+    result = runner.invoke(cli.app, [*map(str, where(artifacts)), "search", *args, *as_json])
+    assert result.exit_code == 1 and message in result.stderr and "Traceback" not in result.output
+    assert result.stdout == ""  # with --json too: a script sees the exit code, nothing to parse
 
 
 def test_classify_agrees_with_evaluates_zero_shot_predictions(artifacts):
@@ -82,13 +101,21 @@ def test_classify_agrees_with_evaluates_zero_shot_predictions(artifacts):
 
 
 def test_classify_prints_probabilities_sorted_over_the_given_labels(artifacts):
-    out = invoke(cli.app, [*where(artifacts), "classify", artifacts["images"][0], "--labels", "circle, square,circle,triangle", "--top-k", "5"])
-    table = _table(out)
+    answer = _json([*where(artifacts), "classify", artifacts["images"][0], "--labels", "circle, square,circle,triangle", "--top-k", "5"])
+    assert answer["image"] == str(artifacts["images"][0]) and answer["labels_from"] == "--labels"
+    assert answer["templates"] and all("{}" in template for template in answer["templates"])
+    table = pd.DataFrame(answer["results"])
+    assert list(table.columns) == ["rank", "label", "probability", "similarity"] and list(table["rank"]) == [1, 2, 3]
     assert sorted(table["label"]) == ["circle", "square", "triangle"]  # a repeated label counts once
-    probabilities = table["probability"].astype(float)
-    assert probabilities.is_monotonic_decreasing and probabilities.sum() == pytest.approx(1.0, abs=1e-3)
-    dataset = _table(invoke(cli.app, [*where(artifacts), "classify", artifacts["images"][0], "--classes-from-dataset", "-k", "2"]))
-    assert len(dataset) == 2 and set(dataset["label"]) <= set(pd.read_parquet(artifacts["data"] / "images.parquet")["class_name"])
+    assert table["probability"].is_monotonic_decreasing and table["probability"].sum() == pytest.approx(1.0, abs=1e-6)
+    assert table["similarity"].is_monotonic_decreasing
+    dataset = _json([*where(artifacts), "classify", artifacts["images"][0], "--classes-from-dataset", "-k", "2"])
+    assert dataset["labels_from"] == "dataset" and len(dataset["results"]) == 2
+    assert {row["label"] for row in dataset["results"]} <= set(pd.read_parquet(artifacts["data"] / "images.parquet")["class_name"])
+    # The table shows the same ranking, probabilities at 4 decimals.
+    out = invoke(cli.app, [*where(artifacts), "classify", artifacts["images"][0], "--classes-from-dataset", "-k", "2"])
+    best = dataset["results"][0]
+    assert out.splitlines()[2].split() == ["1", best["label"], f"{best['probability']:.4f}", f"{best['similarity']:.4f}"]
 
 
 @pytest.mark.parametrize("args, message", [(["--labels", "cat"], "at least two different labels"), (["--labels", "a,b", "--classes-from-dataset"], "not both")])
@@ -116,9 +143,9 @@ def test_add_then_search_returns_the_added_image_first(artifacts, tmp_path):
     assert all((gallery / p).is_file() for p in added["path"])
 
     for source in (new / "a.png", new / "sub" / "b.png"):
-        table = _table(invoke(cli.app, [*where(artifacts), "--gallery", gallery, "search", "--image", source, "-k", "3"]))
-        assert table.at[0, "image_id"].startswith("added/") and float(table.at[0, "score"]) == pytest.approx(1.0, abs=1e-4)
-        assert table.at[0, "path"].startswith(str(gallery / "store"))
+        top = _json([*where(artifacts), "--gallery", gallery, "search", "--image", source, "-k", "3"])["results"][0]
+        assert top["image_id"].startswith("added/") and top["score"] == pytest.approx(1.0, abs=1e-4)
+        assert top["path"].startswith(str(gallery / "store")) and top["class"] is None  # an added image has no class
 
     again = invoke(cli.app, [*where(artifacts), "--gallery", gallery, "add", new / "a.png"])
     assert "0 added, 1 already present" in again and f"holds {base_n + 2} images" in again
