@@ -98,7 +98,8 @@ class ModelParams(_Section):
 
 
 class SiameseParams(_Section):
-    # Contrastive loss y*d^2 + (1-y)*max(margin - d, 0)^2 on L2-normalised embeddings (d in [0, 2]).
+    # pytorch-metric-learning's contrastive loss on L2-normalised embeddings (d in [0, 2]): d for
+    # same-class pairs, max(margin - d, 0) for the others, each averaged over its non-zero pairs.
     margin: float = Field(1.0, gt=0)
     # Pairs are re-drawn every epoch: this many anchors per class, each paired with an image of
     # the same class with probability positive_ratio, else with another class.
@@ -109,8 +110,9 @@ class SiameseParams(_Section):
 class TripletParams(_Section):
     margin: float = Field(0.2, gt=0)
     head_dim: int = Field(128, ge=2)
-    # all: every valid triplet in the batch (pytorch-metric-learning's default). batch_hard can
-    # collapse every embedding to one point when training starts from random weights.
+    # all: every valid triplet in the batch (pytorch-metric-learning's default); batch_hard:
+    # BatchHardMiner; semi_hard: TripletMarginMiner(semihard). batch_hard can collapse every
+    # embedding to one point when training starts from random weights.
     mining: Literal["batch_hard", "semi_hard", "all"] = "all"
     # P x K class-balanced batches: P classes, K images each.
     classes_per_batch: int = Field(8, ge=2)
@@ -130,12 +132,15 @@ class TrainParams(_Section):
     weight_decay: float = Field(0.1, ge=0)
     warmup_fraction: float = Field(0.1, ge=0, lt=1)
     seed: int = 0
-    # Epochs between validation passes (validation picks the best checkpoint).
+    # Epochs between validation passes. Validation picks the best checkpoint by the method's score
+    # (clip: mean text<->image recall; siamese, triplet: MAP@R on the val split).
     val_every: int = Field(1, ge=1)
-    # Early stopping (siamese, triplet): stop after `patience` validations without the validation
-    # loss improving by more than `min_delta`. 0 disables it.
+    # Early stopping: stop after `patience` validations without that score improving by more
+    # than `min_delta`. 0 disables it.
     patience: int = Field(0, ge=0)
     min_delta: float = Field(0.0, ge=0)
+    # Clip the gradient norm of the trained parameters to this before each step (0: no clipping).
+    grad_clip_norm: float = Field(0.0, ge=0)
     # Keep a checkpoint every N epochs besides best and last (0: none).
     checkpoint_every: int = Field(0, ge=0)
     # Horizontal flip and brightness/contrast jitter on training images (siamese, triplet).

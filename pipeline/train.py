@@ -7,15 +7,16 @@ import json
 import time
 from pathlib import Path
 
-import pandas as pd
 import typer
 
 from pipeline import distributed, io, models, preflight
 from pipeline import params as params_lib
 from pipeline.prepared import load_prepared
 from pipeline.stage import DATA_OPTION, PARAMS_OPTION, load_params, stage_app, timing_option, write_timing
-from pipeline.training.checkpoints import Resume
+from pipeline.training.checkpoints import Resume, TrainResult
+from pipeline.training.loop import STATE_VERSION
 from pipeline.training.clip import train_clip, validation_recall
+from pipeline.training.curves import LiveCurves
 from pipeline.training.metric import train_siamese, train_triplet
 from pipeline.training.optim import seed_everything
 
@@ -30,7 +31,7 @@ def resume_path(out: Path) -> Path:
 def run_fingerprint(params: params_lib.Params, data: Path) -> str:
     """What a saved run state must have been made with to be resumed: model and train params, and the data."""
     digest = hashlib.sha256()
-    settings = {"model": params.model.model_dump(), "train": params.train.model_dump()}
+    settings = {"model": params.model.model_dump(), "train": params.train.model_dump(), "state_version": STATE_VERSION}
     digest.update(json.dumps(settings, sort_keys=True).encode())
     for table in ("images.parquet", "captions.parquet"):
         if (data / table).exists():
@@ -58,18 +59,20 @@ def main(
             f"prompts ({len(prepared.templates)} templates x class name) as captions, as FLYP fine-tunes on class labels"
         )
     info = {"method": params.train.method, "trained_on": prepared.info["source"]}
-
+    curves = LiveCurves(reports) if world.is_main else None  # rank 0 logs the curves, as it writes everything
     if params.train.method == "none":
         # Weights as they are. A random init has no file to come back to, so it is saved.
         checkpoints = {} if loaded.pretrained != "none" else {"last.pt": {"model": loaded.model.state_dict()}}
         info["checkpoint"] = "last.pt" if checkpoints else None
         val = validation_recall(loaded, prepared) if world.is_main else None
-        loss_rows = []
-        val_rows = [] if val is None else [{"epoch": 0, **val}]
+        result = TrainResult(best={}, last={}, best_epoch=0, val_rows=[] if val is None else [{"epoch": 0, **val}])
+        if curves is not None:
+            curves(result)
+        loss_rows, val_rows = [], result.val_rows
     else:
         # Every rank resumes from the same state; rank 0 alone saves it.
         resume = Resume(resume_path(out), run_fingerprint(params, data), params.runtime.resume, write=world.is_main)
-        result = TRAINERS[params.train.method](loaded, prepared, params.train, resume, params.runtime, world)
+        result = TRAINERS[params.train.method](loaded, prepared, params.train, resume, params.runtime, world, on_epoch=curves)
         checkpoints = {"best.pt": result.best, "last.pt": result.last, **result.periodic}
         info.update(
             checkpoint="best.pt",
@@ -91,11 +94,7 @@ def main(
     with io.atomic_dir(out) as tmp:
         models.save_trained(tmp, loaded, info, checkpoints)
     Resume(resume_path(out)).clear()  # the run is complete: nothing to resume
-    with io.atomic_dir(reports) as tmp:
-        if loss_rows:
-            pd.DataFrame(loss_rows).drop(columns="epoch_s").to_csv(tmp / "loss.csv", index=False)
-        if val_rows:
-            pd.DataFrame(val_rows).to_csv(tmp / "val.csv", index=False)
+    curves.end()
     train_s = round(time.perf_counter() - start, 3)
     epoch_s = [row["epoch_s"] for row in loss_rows]
     write_timing(

@@ -21,7 +21,9 @@ import torch
 from pipeline import distributed, models
 from pipeline.models.heads import ProjectionHead
 from pipeline.training.clip import clip_step_loss, global_clip_loss
+from pipeline.training.losses import contrastive_loss, triplet_loss
 from pipeline.training.metric import ImageEmbedder, siamese_step_loss, triplet_step_loss
+from pipeline.training.miners import make_miner
 
 # A tower without batch norm: PyTorch has no SyncBatchNorm on CPU, so a ResNet tower (clipline-tiny)
 # normalises each rank's share on its own under gloo; a ViT computes exactly what one process does.
@@ -66,9 +68,9 @@ def _step(method: str, loaded: models.LoadedModel, batch: dict, rows, world) -> 
         module = ImageEmbedder(loaded)
         replica = distributed.wrap_ddp(module, world)
         if method == "siamese":
-            loss = siamese_step_loss(replica, batch["images"][rows], batch["others"][rows], batch["same"][rows], 1.0, world)
+            loss = siamese_step_loss(replica, contrastive_loss(1.0), batch["images"][rows], batch["others"][rows], batch["same"][rows], world)
         else:
-            loss = triplet_step_loss(replica, batch["images"][rows], batch["labels"][rows], "all", 0.2, world)
+            loss = triplet_step_loss(replica, triplet_loss(0.2), make_miner("all", 0.2), batch["images"][rows], batch["labels"][rows], world)
     loss.backward()
     grads = {name: p.grad.clone() for name, p in module.named_parameters() if p.requires_grad and p.grad is not None}
     return loss.item(), grads

@@ -67,3 +67,24 @@ def test_inner_product_and_duplicates():
 def test_self_excluded_neighbours_checks_k():
     with pytest.raises(ValueError, match="between 1 and n - 1"):
         self_excluded_neighbours(np.zeros((3, 2)), np.array([0, 0, 1]), k=3)
+
+
+def test_agrees_with_pytorch_metric_learnings_accuracy_calculator_without_ties():
+    """The reference implementation on the same embeddings (random: no tied distances). PML's
+    calculator is not used by the pipeline itself: ours also refuses k < R and scores ties against
+    the model (README: "How the metrics treat ties")."""
+    import torch
+    from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 5, size=60)
+    embeddings = (rng.normal(size=(60, 8)) + labels[:, None] * 0.5).astype(np.float32)
+    embeddings /= np.linalg.norm(embeddings, axis=1, keepdims=True)
+    counts = np.bincount(labels)[labels] - 1
+    neighbour_labels, relevant = self_excluded_neighbours(embeddings, labels, k=int(counts.max()))
+    ours = accuracy_at_r(neighbour_labels, labels, relevant)
+    calculator = AccuracyCalculator(include=("precision_at_1", "r_precision", "mean_average_precision_at_r"), device=torch.device("cpu"))
+    theirs = calculator.get_accuracy(torch.from_numpy(embeddings), torch.from_numpy(labels))
+    assert ours["precision_at_1"] == pytest.approx(theirs["precision_at_1"], abs=1e-9)
+    assert ours["r_precision"] == pytest.approx(theirs["r_precision"], abs=1e-6)
+    assert ours["map_at_r"] == pytest.approx(theirs["mean_average_precision_at_r"], abs=1e-6)

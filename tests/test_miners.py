@@ -1,97 +1,75 @@
-"""Online triplet mining on batches where the right triplets are known by construction."""
+"""`train.triplet.mining` -> pytorch-metric-learning's miners, on batches whose triplets are known
+by construction (a brute force over the same chord distances is the reference)."""
+
+import math
 
 import pytest
 import torch
 
-from pipeline.training.miners import MINING_STRATEGIES, mine_triplets, pairwise_distances
+from pipeline.training.losses import triplet_loss
+from pipeline.training.miners import MINING_STRATEGIES, make_miner
 
-# Points on a line, so every distance is a difference:
-#   index:  0    1    2    3    4    5
-#   x:      0    1    2.2  2.5  5.5  10
-#   label:  0    0    0    1    1    2   (class 2 is a singleton: no positives, never an anchor)
-EMB = torch.tensor([[0.0], [1.0], [2.2], [2.5], [5.5], [10.0]])
-LABELS = torch.tensor([0, 0, 0, 1, 1, 2])
-
-
-def triplets(mined) -> list[tuple[int, int, int]]:
-    return list(zip(*(t.tolist() for t in mined)))
+# Unit vectors at these angles: distances grow with the angle between them (a chord), so this is
+# the line 0, 1, 2.2, 2.5, 5.5, 10 scaled onto a tenth of a circle.
+ANGLES = [0.0, 0.1, 0.22, 0.25, 0.55, 1.0]
+LABELS = torch.tensor([0, 0, 0, 1, 1, 2])  # class 2 is a singleton: never an anchor
+EMB = torch.tensor([[math.cos(a), math.sin(a)] for a in ANGLES])
+MARGIN = 0.2
 
 
-def brute_force(emb, labels, strategy, margin):
-    d = torch.cdist(emb, emb)
-    n, out = len(labels), []
+def d(a: int, b: int) -> float:
+    return 2 * math.sin(abs(ANGLES[a] - ANGLES[b]) / 2)
+
+
+def triplets(mined) -> set[tuple[int, int, int]]:
+    return set(zip(*(t.tolist() for t in mined)))
+
+
+def brute_force(strategy: str) -> set[tuple[int, int, int]]:
+    n, out = len(LABELS), set()
     for a in range(n):
-        pos = [p for p in range(n) if p != a and labels[p] == labels[a]]
-        neg = [x for x in range(n) if labels[x] != labels[a]]
-        if strategy == "all":
-            out += [(a, p, x) for p in pos for x in neg]
-        elif strategy == "batch_hard" and pos and neg:
-            out.append((a, max(pos, key=lambda p: d[a, p]), min(neg, key=lambda x: d[a, x])))
-        elif strategy == "semi_hard":
-            for p in pos:
-                semi = [x for x in neg if d[a, p] < d[a, x] < d[a, p] + margin]
-                if semi:
-                    out.append((a, p, min(semi, key=lambda x: d[a, x])))
+        pos = [p for p in range(n) if p != a and LABELS[p] == LABELS[a]]
+        neg = [x for x in range(n) if LABELS[x] != LABELS[a]]
+        if strategy == "batch_hard" and pos:
+            out.add((a, max(pos, key=lambda p: d(a, p)), min(neg, key=lambda x: d(a, x))))
+        elif strategy == "semi_hard":  # the library's: every negative in (d(a,p), d(a,p) + margin]
+            out |= {(a, p, x) for p in pos for x in neg if 0 < d(a, x) - d(a, p) <= MARGIN}
     return out
 
 
-def test_batch_hard_takes_the_farthest_positive_and_nearest_negative():
-    mined = mine_triplets(EMB, LABELS, "batch_hard", margin=0.2)
-    assert all(t.dtype == torch.long for t in mined)
-    assert triplets(mined) == [(0, 2, 3), (1, 2, 3), (2, 0, 3), (3, 4, 2), (4, 3, 2)]
-
-
-def test_semi_hard_keeps_only_pairs_with_a_negative_inside_the_margin():
-    # (0,1) d=1: nearest negative at 2.5 > 1 + 0.6 -> dropped;  (2,0) d=2.2: negatives at 0.3 (hard)
-    # and 3.3 (easy) -> dropped;  (4,3) d=3: negative 2 at 3.3 is the only one in (3, 3.6).
-    mined = mine_triplets(EMB, LABELS, "semi_hard", margin=0.6)
-    assert triplets(mined) == [(0, 2, 3), (1, 0, 3), (1, 2, 3), (4, 3, 2)]
-
-
-def test_semi_hard_picks_the_hardest_of_several_semi_hard_negatives():
-    # With margin 2, anchor 4 / positive 3 (d=3) has negatives 2 (3.3), 1 (4.5) and 5 (4.5) in (3, 5).
-    assert (4, 3, 2) in triplets(mine_triplets(EMB, LABELS, "semi_hard", margin=2.0))
-
-
-def test_all_gives_every_valid_triplet_once():
-    mined = triplets(mine_triplets(EMB, LABELS, "all", margin=0.2))
-    # class 0: 3 anchors x 2 positives x 3 negatives; class 1: 2 x 1 x 4; the singleton: none
-    assert len(mined) == 3 * 2 * 3 + 2 * 1 * 4
-    assert len(set(mined)) == len(mined)
-    for a, p, n in mined:
-        assert a != p and LABELS[a] == LABELS[p] and LABELS[n] != LABELS[a]
-
-
-@pytest.mark.parametrize("strategy", MINING_STRATEGIES)
+@pytest.mark.parametrize("strategy", ["batch_hard", "semi_hard"])
 def test_miners_agree_with_a_brute_force_reference(strategy):
-    g = torch.Generator().manual_seed(1)
-    emb = torch.nn.functional.normalize(torch.randn(24, 8, generator=g), dim=1)
-    labels = torch.randint(0, 4, (24,), generator=g)
-    assert sorted(triplets(mine_triplets(emb, labels, strategy, margin=0.3))) == sorted(brute_force(emb, labels, strategy, 0.3))
+    mined = make_miner(strategy, MARGIN)(EMB, LABELS)
+    assert triplets(mined) == brute_force(strategy)
+    assert brute_force(strategy), "the batch must give this strategy something to mine"
 
 
-@pytest.mark.parametrize("strategy", MINING_STRATEGIES)
-def test_a_batch_of_one_class_mines_nothing(strategy):
-    mined = mine_triplets(torch.randn(5, 3), torch.zeros(5, dtype=torch.long), strategy, margin=0.2)
-    assert all(len(t) == 0 and t.dtype == torch.long for t in mined)
+def test_semi_hard_keeps_every_semi_hard_negative_not_only_the_nearest():
+    """FaceNet keeps the nearest one per (a, p); the library keeps them all (README: Metric learning)."""
+    mined = triplets(make_miner("semi_hard", MARGIN)(EMB, LABELS))
+    per_pair = {}
+    for a, p, _ in mined:
+        per_pair[(a, p)] = per_pair.get((a, p), 0) + 1
+    assert max(per_pair.values()) > 1
 
 
-def test_mining_does_not_touch_the_graph():
-    emb = torch.randn(6, 3, requires_grad=True)
-    mined = mine_triplets(emb, LABELS, "batch_hard", margin=0.2)
-    assert not any(t.requires_grad for t in mined)
+def test_all_means_no_miner_and_the_loss_takes_every_valid_triplet():
+    assert make_miner("all", MARGIN) is None
+    terms = [
+        max(d(a, p) - d(a, x) + MARGIN, 0.0)
+        for a in range(6) for p in range(6) for x in range(6)
+        if a != p and LABELS[a] == LABELS[p] and LABELS[x] != LABELS[a]
+    ]  # fmt: skip
+    nonzero = [t for t in terms if t > 0]
+    assert float(triplet_loss(MARGIN)(EMB, LABELS)) == pytest.approx(sum(nonzero) / len(nonzero), rel=1e-5)
 
 
-def test_pairwise_distances_on_a_line():
-    d = pairwise_distances(torch.tensor([[0.0], [1.0], [3.0]]))
-    assert torch.allclose(d, torch.tensor([[0.0, 1.0, 3.0], [1.0, 0.0, 2.0], [3.0, 2.0, 0.0]]), atol=1e-5)
+def test_a_batch_of_one_class_mines_nothing():
+    for strategy in ("batch_hard", "semi_hard"):
+        assert not triplets(make_miner(strategy, MARGIN)(EMB[:3], LABELS[:3]))
 
 
 def test_unknown_strategy_names_the_setting_and_the_choices():
-    with pytest.raises(ValueError, match=r"train\.triplet\.mining.*'hardest'.*batch_hard, semi_hard, all"):
-        mine_triplets(EMB, LABELS, "hardest", margin=0.2)
-
-
-def test_mismatched_labels_are_rejected():
-    with pytest.raises(ValueError, match="n labels"):
-        mine_triplets(EMB, LABELS[:3], "all", margin=0.2)
+    with pytest.raises(ValueError, match=r"train\.triplet\.mining: unknown strategy 'hardest'.*batch_hard, semi_hard, all"):
+        make_miner("hardest", MARGIN)
+    assert set(MINING_STRATEGIES) == {"batch_hard", "semi_hard", "all"}

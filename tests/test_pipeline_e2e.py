@@ -60,8 +60,14 @@ def project(tmp_path_factory):
     params = _merge(Params().model_dump(), SMALL)
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     _run(["git", "init", "-q"], work)
+    _commit(work, "the project")  # DVCLive (train) needs a commit; so does `dvc exp run`
     _dvc(work, "repro")
     return work
+
+
+def _commit(cwd, message: str) -> None:
+    _run(["git", "add", "-A"], cwd)
+    _run(["git", "-c", "user.name=test", "-c", "user.email=test@example.com", "commit", "-q", "-m", message], cwd)
 
 
 def test_repro_writes_metrics_plots_and_report(project):
@@ -88,7 +94,7 @@ def test_repro_writes_metrics_plots_and_report(project):
     assert set(metrics["metric_learning"]) >= {"precision_at_1", "r_precision", "map_at_r"}
     for figure in ("training_curve", "similarity_heatmap", "retrieval_examples", "confusion", "verification_distances", "verification_roc"):
         assert (project / f"reports/figures/{figure}.png").stat().st_size > 1000
-    assert (project / "reports/train/loss.csv").read_text().count("\n") == 3  # header + 2 epochs
+    assert (project / "reports/train/plots/metrics/train/loss.tsv").read_text().count("\n") == 3  # header + 2 epochs
     shown = json.dumps(json.loads(_dvc(project, "metrics", "show", "--json")))
     assert "reports/metrics.json" in shown and "reports/timing/train.json" in shown
     assert json.loads(_dvc(project, "status", "--json")) == {}
@@ -181,10 +187,19 @@ def test_evaluate_param_reruns_only_evaluate(project):
 def test_train_param_reruns_train_and_downstream_not_prepare(project):
     _set(project / "params.yaml", "train", "epochs", 1)
     assert set(json.loads(_dvc(project, "status", "--json"))) == {"train"}
-    out = _dvc(project, "repro")
+    _set(project / "params.yaml", "train", "epochs", 2)  # back: `dvc exp run -S` below sets it
+    _commit(project, "the reproduced pipeline")  # the experiment's baseline
+    out = _dvc(project, "exp", "run", "-n", "one-epoch", "-S", "train.epochs=1")
     assert "Running stage 'train'" in out and "Running stage 'probe'" in out and "Running stage 'evaluate'" in out
     assert "Running stage 'prepare'" not in out
-    assert (project / "reports/train/loss.csv").read_text().count("\n") == 2
+    assert (project / "reports/train/plots/metrics/train/loss.tsv").read_text().count("\n") == 2
+    # DVCLive's per-epoch log is what `dvc exp show` lists for the experiment.
+    shown = json.loads(_dvc(project, "exp", "show", "--json"))
+    experiments = [exp for commit in shown for exp in (commit.get("experiments") or [])]
+    runs = [run["revs"][0]["data"] for run in experiments if run.get("name") == "one-epoch"]
+    assert runs, shown
+    train_metrics = runs[0]["metrics"]["reports/train/metrics.json"]["data"]
+    assert train_metrics["step"] == 1 and train_metrics["train"]["loss"] > 0 and 0 <= train_metrics["val"]["mean_recall"] <= 1
 
 
 def test_torchrun_shards_embed_and_match_one_process(project, tmp_path):

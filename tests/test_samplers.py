@@ -113,3 +113,11 @@ def test_pk_errors():
         PKBatchSampler(PK_LABELS, p=1, k=2, seed=0)
     with pytest.raises(ValueError, match=r"train\.triplet\.images_per_class"):
         PKBatchSampler(PK_LABELS, p=2, k=1, seed=0)
+
+
+def test_pk_batches_leave_numpys_global_generator_as_it_was():
+    """The library's sampler shuffles with NumPy's global generator; ours seeds it per epoch and puts it back."""
+    np.random.seed(123)
+    before = np.random.get_state()[1].copy()
+    batches(PKBatchSampler(PK_LABELS, 3, 4, seed=0), 1)
+    assert np.array_equal(np.random.get_state()[1], before)

@@ -50,9 +50,6 @@ def training_curve(loss: pd.DataFrame | None, val: pd.DataFrame | None, path: Pa
     fig, (ax_loss, ax_val) = plt.subplots(1, 2, figsize=(10, 3.5))
     if loss is not None and not loss.empty:
         ax_loss.plot(loss["epoch"], loss["loss"], marker=".", label="train")
-        if "val_loss" in loss:
-            ax_loss.plot(loss["epoch"], loss["val_loss"], marker=".", label="validation")
-            ax_loss.legend(fontsize=8)
         ax_loss.set(title="loss", xlabel="epoch", ylabel="loss")
     else:
         ax_loss.text(0.5, 0.5, "no training (method: none)", ha="center", va="center")

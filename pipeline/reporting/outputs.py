@@ -14,6 +14,7 @@ from pipeline import io
 from pipeline.metrics.tasks import TaskResult
 from pipeline.reporting import figures
 from pipeline.retrieval.faiss_index import LoadedIndex
+from pipeline.training.curves import read_curves
 
 
 logger = logging.getLogger(__name__)
@@ -38,10 +39,6 @@ class Figures:
             return
         if drawn is not False:  # a function returns False when there is nothing to draw
             self.written[role] = self.prefix + filename
-
-
-def _read_csv(path: Path) -> pd.DataFrame | None:
-    return pd.read_csv(path) if path.exists() else None
 
 
 def _retrieval_examples(retrieval: TaskResult, index: LoadedIndex, image_root: Path, n: int, k: int = 5):
@@ -73,7 +70,7 @@ def write(
     # Whole folders are replaced, so a figure from an earlier run with other tasks cannot linger.
     with io.atomic_dir(reports / "figures") as figure_dir, io.atomic_dir(reports / "plots") as plot_dir:
         drawn = Figures(figure_dir)
-        drawn.draw("training_curve", "training_curve.png", figures.training_curve, _read_csv(train_reports / "loss.csv"), _read_csv(train_reports / "val.csv"))
+        drawn.draw("training_curve", "training_curve.png", figures.training_curve, *read_curves(train_reports))
         if "skipped" not in zero_shot.metrics:
             drawn.draw("confusion", "confusion.png", figures.confusion, zero_shot.extras["labels"], zero_shot.extras["predicted"], class_names)
             pd.DataFrame(zero_shot.plots["zero_shot_predictions"]).to_csv(plot_dir / "zero_shot_predictions.csv", index=False)

@@ -8,7 +8,6 @@ Sources without captions train on class prompts (template x class name), as FLYP
 from __future__ import annotations
 
 import math
-import time
 from typing import Sequence
 
 import numpy as np
@@ -16,7 +15,6 @@ import pandas as pd
 import torch
 from open_clip.loss import ClipLoss
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler
-from tqdm import tqdm  # not tqdm.auto, whose asyncio class calls iter() twice: DataLoader workers would start twice
 
 from pipeline.distributed import RankShare, World, wrap_ddp
 from pipeline.prepared import Prepared
@@ -27,9 +25,9 @@ from pipeline.models.encode import PreprocessedImages, autocast, encode_image_ba
 from pipeline.params import RuntimeParams, TrainParams
 from pipeline.pixels import SampleTransform
 from pipeline.training.augment import PerSampleRandom, decode_once
-from pipeline.training.checkpoints import Resume, TrainResult, capture_rng, restore_rng, result_from_state, result_state, snapshot, snapshot_on_main
-from pipeline.training.optim import build_optimizer, cosine_with_warmup, param_groups, seed_everything
-from pipeline.training.progress import epoch_line
+from pipeline.training.checkpoints import Resume, TrainResult
+from pipeline.training.loop import Phase, fit
+from pipeline.training.optim import build_optimizer, param_groups, seed_everything
 
 MAX_LOGIT_SCALE = math.log(100)  # CLIP clamps the temperature so logits stay <= 100
 
@@ -130,95 +128,78 @@ def global_clip_loss(world: World) -> ClipLoss:
     return ClipLoss(local_loss=False, gather_with_grad=True, rank=world.rank, world_size=world.size)
 
 
-def train_clip(
-    loaded: LoadedModel, prepared: Prepared, params: TrainParams, resume: Resume = Resume(), runtime: RuntimeParams = RuntimeParams(), world: World = World()
-) -> TrainResult:
-    seed_everything(params.seed)
-    model, device = loaded.model, loaded.device
-    images, captions = captions_by_image(prepared, "train")
-    if images.empty:
-        raise ValueError("train.method 'clip' needs a train split with captions or class labels; the prepared data has none")
-    decoded = decode_once(prepared.image_paths(images), runtime, world, "train")
-    sample_transform, normalise = loaded.train_pixels
-    pairs = ImageCaptionPairs(decoded, captions, loaded.tokenizer, sample_transform, params.seed)
-    batch_size = min(params.batch_size, len(pairs))
-    if batch_size % world.size:
-        raise ValueError(f"train.batch_size {batch_size} does not split evenly over {world.size} processes (runtime.processes)")
-    shuffle = torch.Generator().manual_seed(params.seed)
-    # Global batches drawn in the main process, whatever the workers; a tiny last batch is dropped
-    # (it gives a noisy contrastive loss). Each rank loads its share of every batch.
-    batches = BatchSampler(RandomSampler(pairs, generator=shuffle), batch_size, drop_last=True)
-    loader = DataLoader(
-        pairs,
-        batch_sampler=RankShare(batches, world),
-        num_workers=runtime.num_workers,
-        generator=shuffle,  # as DataLoader(shuffle=True) would: worker seeds come from it too
-        persistent_workers=False,  # workers must see `pairs.epoch`, set before each epoch
-    )
-    optimizer = build_optimizer(param_groups(model, params.weight_decay), params.optimizer, params.lr)
-    scheduler = cosine_with_warmup(optimizer, params.epochs * len(loader), params.warmup_fraction)
-    loss_fn = global_clip_loss(world)
-    replica = wrap_ddp(model, world)
-    # Rank 0 alone validates; its val images are preprocessed once for the whole run.
-    validation = Validation(loaded, prepared, image_cache_mb=runtime.image_cache_mb) if world.is_main else None
+class ClipMethod:
+    """CLIP's contrastive training of both towers on (image, caption) batches, for `loop.fit`.
 
-    state = resume.load()
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        restore_rng(state["rng"], {"shuffle": shuffle}, {})
-        result, best_score, has_val, first_epoch = result_from_state(state["result"]), state["best_score"], state["has_val"], state["epoch"] + 1
-    else:
-        result, best_score, first_epoch = TrainResult(best={}, last={}, best_epoch=0), -1.0, 1
-        val = world.on_main(validation)
-        has_val = val is not None
-        if has_val:
-            result.val_rows.append({"epoch": 0, **val})
-        else:
-            result.notes.append("no val split: the best checkpoint is the last one")
+    The best checkpoint is the one with the highest mean text<->image recall on the val split."""
 
-    for epoch in range(first_epoch, params.epochs + 1):
-        model.train()
-        pairs.epoch = epoch
-        start, losses = time.perf_counter(), []
-        for image, tokens in tqdm(loader, desc=f"epoch {epoch}/{params.epochs}", leave=False, disable=None if world.is_main else True):
-            image, tokens = normalise(image.to(device, non_blocking=True)), tokens.to(device, non_blocking=True)
-            loss = clip_step_loss(replica, loss_fn, image, tokens)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            with torch.no_grad():
-                model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
-            losses.append(loss.item())
-        result.loss_rows.append(
-            {
-                "epoch": epoch,
-                "loss": float(np.mean(losses)),
-                "lr": scheduler.get_last_lr()[0],
-                "temperature": float(1.0 / model.logit_scale.exp().item()),
-                "epoch_s": round(time.perf_counter() - start, 3),
-            }
+    score = "mean_recall"
+
+    def __init__(self, loaded: LoadedModel, prepared: Prepared, params: TrainParams, runtime: RuntimeParams, world: World):
+        self.loaded, self.params, self.world = loaded, params, world
+        images, captions = captions_by_image(prepared, "train")
+        if images.empty:
+            raise ValueError("train.method 'clip' needs a train split with captions or class labels; the prepared data has none")
+        decoded = decode_once(prepared.image_paths(images), runtime, world, "train")
+        sample_transform, self.normalise = loaded.train_pixels
+        self.pairs = ImageCaptionPairs(decoded, captions, loaded.tokenizer, sample_transform, params.seed)
+        batch_size = min(params.batch_size, len(self.pairs))
+        if batch_size % world.size:
+            raise ValueError(f"train.batch_size {batch_size} does not split evenly over {world.size} processes (runtime.processes)")
+        self.shuffle = torch.Generator().manual_seed(params.seed)
+        self.generators, self.numpy_rngs = {"shuffle": self.shuffle}, {}
+        # Global batches drawn in the main process, whatever the workers; a tiny last batch is dropped
+        # (it gives a noisy contrastive loss). Each rank loads its share of every batch.
+        batches = BatchSampler(RandomSampler(self.pairs, generator=self.shuffle), batch_size, drop_last=True)
+        self.loader = DataLoader(
+            self.pairs,
+            batch_sampler=RankShare(batches, world),
+            num_workers=runtime.num_workers,
+            generator=self.shuffle,  # as DataLoader(shuffle=True) would: worker seeds come from it too
+            persistent_workers=False,  # workers must see `pairs.epoch`, set before each epoch
         )
-        score = None
-        if has_val and (epoch % params.val_every == 0 or epoch == params.epochs):
-            # Rank 0 validates (the weights are the same on every rank); the others wait for its row.
-            row = world.on_main(validation)
-            result.val_rows.append({"epoch": epoch, **row})
-            score = ("mean_recall", row["mean_recall"])
-            if row["mean_recall"] > best_score:
-                best_score, result.best_epoch = row["mean_recall"], epoch
-                result.best = snapshot_on_main(world, model, epoch)
-        if world.is_main:
-            epoch_line(epoch, params.epochs, result.loss_rows[-1]["loss"], time.perf_counter() - start, score)
-        if params.checkpoint_every and epoch % params.checkpoint_every == 0 and world.is_main:
-            result.periodic[f"epoch-{epoch:04d}.pt"] = snapshot(model, epoch)
-        resume.save(
-            epoch=epoch, model=model.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-            rng=capture_rng({"shuffle": shuffle}, {}), result=result_state(result), best_score=best_score, has_val=has_val,
-        )  # fmt: skip
-    result.last = snapshot_on_main(world, model, params.epochs)
-    if not has_val:
-        result.best, result.best_epoch = result.last, params.epochs
-    return result
+        self.loss_fn = global_clip_loss(world)
+        self.replica = wrap_ddp(loaded.model, world)
+        # Rank 0 alone validates; its val images are preprocessed once for the whole run.
+        self.validation = Validation(loaded, prepared, image_cache_mb=runtime.image_cache_mb) if world.is_main else None
+        self.has_val = not captions_by_image(prepared, "val")[0].empty  # known on every rank
+
+    def phases(self) -> list[Phase]:
+        model, params = self.loaded.model, self.params
+        return [Phase("train", range(1, params.epochs + 1), lambda: build_optimizer(param_groups(model, params.weight_decay), params.optimizer, params.lr))]
+
+    def steps_per_epoch(self) -> int:
+        return len(self.loader)
+
+    def batches(self, epoch: int):
+        self.pairs.epoch = epoch
+        for image, tokens in self.loader:
+            yield self.normalise(image.to(self.loaded.device, non_blocking=True)), tokens.to(self.loaded.device, non_blocking=True)
+
+    def step_loss(self, batch) -> torch.Tensor:
+        image, tokens = batch
+        return clip_step_loss(self.replica, self.loss_fn, image, tokens)
+
+    def train_mode(self) -> None:
+        self.loaded.model.train()
+
+    def after_step(self) -> None:
+        with torch.no_grad():
+            self.loaded.model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+
+    def epoch_values(self) -> dict:
+        return {"temperature": float(1.0 / self.loaded.model.logit_scale.exp().item())}
+
+    def can_validate(self) -> bool:
+        return self.has_val
+
+    def validate(self) -> dict:
+        return self.validation()
+
+
+def train_clip(
+    loaded: LoadedModel, prepared: Prepared, params: TrainParams, resume: Resume = Resume(), runtime: RuntimeParams = RuntimeParams(),
+    world: World = World(), on_epoch=None,
+) -> TrainResult:  # fmt: skip
+    seed_everything(params.seed)
+    return fit(ClipMethod(loaded, prepared, params, runtime, world), loaded, params, resume, world, on_epoch)

@@ -1,5 +1,8 @@
 """What goes into a metric-learning epoch: labelled pairs (Siamese) and P x K class-balanced batches (triplet).
 
+pytorch-metric-learning has no pair sampler (its losses pair up the images of a batch), so
+`sample_pairs` is ours; the P x K batches are the library's `MPerClassSampler`.
+
 Both are reproducible: sample_pairs from the generator it is given, PKBatchSampler from (seed, epoch).
 """
 
@@ -10,6 +13,7 @@ from typing import Iterator
 
 import numpy as np
 import torch
+from pytorch_metric_learning.samplers import MPerClassSampler
 
 
 def sample_pairs(
@@ -51,13 +55,15 @@ def sample_pairs(
 
 
 class PKBatchSampler(torch.utils.data.Sampler[list[int]]):
-    """Batches of P distinct classes x K images each, so every anchor has positives and negatives.
+    """Batches of P distinct classes x K images each (pytorch-metric-learning's `MPerClassSampler`),
+    so every anchor has positives and negatives.
 
-    Classes with a single image are left out as batch classes (they cannot give a positive). K images
-    are drawn without replacement when the class has >= K, with replacement otherwise. With fewer than
-    P usable classes, every batch uses all of them (`p_effective`). An epoch has
-    ceil(usable images / (p_effective * K)) batches; call `set_epoch` before iterating so each epoch
-    differs while staying reproducible from (seed, epoch).
+    What this adds to the library's sampler: classes with a single image are left out (they cannot
+    give a positive, and the library would repeat the image as its own "positive"); with fewer than
+    P usable classes every batch uses all of them (`p_effective`, where the library would refuse);
+    an epoch has ceil(usable images / (p_effective * K)) batches; and each epoch's batches come from
+    (seed, epoch) (`set_epoch`), not from NumPy's global state, which the library draws from.
+    K images are drawn without replacement when the class has >= K, with replacement otherwise.
     """
 
     def __init__(self, labels, p: int, k: int, seed: int):
@@ -74,11 +80,14 @@ class PKBatchSampler(torch.utils.data.Sampler[list[int]]):
                 f"train.triplet.classes_per_batch: P x K batches need at least two classes with 2+ images; "
                 f"the labels have {len(eligible)}"
             )
-        self.members = [np.flatnonzero(labels == cls) for cls in eligible]
+        self.usable = np.flatnonzero(np.isin(labels, eligible))  # dataset index of each image the library sees
         self.classes = eligible
         self.p, self.k, self.seed = p, k, seed
         self.p_effective = min(p, len(eligible))
-        self.num_images = int(sum(len(m) for m in self.members))
+        self.num_images = len(self.usable)
+        self.batch = self.p_effective * self.k
+        self.library = MPerClassSampler(labels[self.usable], m=k, batch_size=self.batch, length_before_new_iter=len(self) * self.batch)
+        self.class_order = list(self.library.labels)  # the library shuffles this list in place
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -88,10 +97,13 @@ class PKBatchSampler(torch.utils.data.Sampler[list[int]]):
         return math.ceil(self.num_images / (self.p_effective * self.k))
 
     def __iter__(self) -> Iterator[list[int]]:
-        rng = np.random.default_rng((self.seed, self.epoch))
-        for _ in range(len(self)):
-            batch: list[int] = []
-            for c in rng.choice(len(self.members), size=self.p_effective, replace=False):
-                members = self.members[c]
-                batch.extend(int(i) for i in rng.choice(members, size=self.k, replace=len(members) < self.k))
-            yield batch
+        # The library shuffles with NumPy's global generator: seed it for this epoch, then put it back.
+        outside = np.random.get_state()
+        np.random.seed([self.seed, self.epoch])
+        self.library.labels = list(self.class_order)
+        try:
+            order = self.usable[np.fromiter(iter(self.library), dtype=np.int64)]
+        finally:
+            np.random.set_state(outside)
+        for start in range(0, len(order), self.batch):
+            yield order[start : start + self.batch].tolist()

@@ -34,7 +34,7 @@ def test_two_runs_write_byte_identical_outputs_and_metrics(tmp_path):
     first, second = run_pipeline(tmp_path / "first", SMALL), run_pipeline(tmp_path / "second", SMALL)
     for output in CACHED_OUTPUTS:
         assert _hashes(first[output]) == _hashes(second[output]), f"{output}: a rerun with the same inputs wrote other bytes"
-    for report in ("metrics.json", "train/loss.csv", "train/val.csv"):
+    for report in ("metrics.json", "train/metrics.json", "train/plots/metrics/train/loss.tsv", "train/plots/metrics/val/mean_recall.tsv"):
         assert (first["reports"] / report).read_bytes() == (second["reports"] / report).read_bytes(), report
     # The timings exist, beside the outputs rather than in them.
     timing = {path.stem for path in first["timing"].glob("*.json")}

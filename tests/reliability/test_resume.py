@@ -10,6 +10,7 @@ from pipeline import train
 from pipeline.datasets import prepare
 from pipeline.params import DataParams
 from pipeline.training.checkpoints import Resume
+from pipeline.training.curves import read_curves
 
 METHODS = {
     "clip": {},
@@ -42,8 +43,8 @@ def _train(data, folder, method, resume=False):
 
 def _outcome(folder):
     weights = {name: torch.load(folder / "model" / name, weights_only=True) for name in ("best.pt", "last.pt")}
-    loss = pd.read_csv(folder / "reports" / "loss.csv")
-    return weights, loss, pd.read_csv(folder / "reports" / "val.csv")
+    loss = read_curves(folder / "reports")[0]
+    return weights, loss, read_curves(folder / "reports")[1]
 
 
 def _same_weights(a: dict, b: dict) -> bool:
@@ -95,4 +96,4 @@ def test_a_state_from_other_params_is_not_resumed(data, tmp_path, monkeypatch, c
     params.write_text(yaml.safe_dump({"train": {"method": "clip", "epochs": 2, "batch_size": 8, "lr": 0.01}, "evaluate": SMALL_SPLIT, "runtime": {"resume": True}}))
     train.main(params_file=params, data=data, out=tmp_path / "model", reports=tmp_path / "reports", timing=tmp_path / "timing.json")
     assert "saved with other params or data: training starts from the beginning" in caplog.text
-    assert list(pd.read_csv(tmp_path / "reports" / "loss.csv")["epoch"]) == [1, 2]
+    assert list(read_curves(tmp_path / "reports")[0]["epoch"]) == [1, 2]
