@@ -1,12 +1,17 @@
-"""Train and evaluate several `train.method`s on one configuration; write reports/methods.json.
+"""Train and evaluate several `train.method`s on one configuration as DVC experiments; write
+reports/methods.json.
 
-Each method runs the stages evaluate needs (not the probe) in a scratch folder (the project's params.yaml with the
-overrides below), so the project's own outputs are untouched. `evaluate` reads methods.json
-into the "Methods compared" table of reports/report.md; after running this, `dvc repro`
-refreshes the report (only evaluate reruns).
+Each method is one queued experiment (`dvc exp run --queue -S train.method=... -S ...`) run by
+`dvc exp run --run-all`, so it runs in DVC's own temporary workspace from the current commit plus
+the workspace's changes, the project's outputs are untouched, and every run stays in `dvc exp show`
+(named methods-<method>-<run id>; `dvc exp apply` brings one into the workspace). The metrics are
+read back from `dvc exp show --json`. `evaluate` reads methods.json into the "Methods compared"
+table of reports/report.md; after running this, `dvc repro` refreshes the report (only evaluate reruns).
 
-    python bench/compare_methods.py                       # none, siamese, triplet on class-disjoint shapes (~8 min, 2 cores)
+    python bench/compare_methods.py                       # none, siamese, triplet on class-disjoint shapes (~10 min, 2 cores)
     python bench/compare_methods.py --method clip --method triplet -S train.epochs=5
+
+Needs a git repository with a commit (DVC experiments are git refs).
 """
 
 from __future__ import annotations
@@ -14,19 +19,14 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import tempfile
 import time
 from datetime import date
 from pathlib import Path
 from typing import Optional
 
 import typer
-import yaml
-
-from pipeline.params import apply_override
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ["prepare", "train", "embed", "index", "evaluate"]
 # Re-identification setting: test identities never appear in training.
 DEFAULT_OVERRIDES = [
     "data.split_by=class",
@@ -54,37 +54,66 @@ KEYS = {
 }
 
 
-def run_method(method: str, overrides: list[str], workdir: Path) -> dict:
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    for override in overrides + [f"train.method={method}"]:
-        apply_override(params, override)
-    (workdir / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    for stage in STAGES:
-        start = time.perf_counter()
-        result = subprocess.run([sys.executable, "-m", f"pipeline.{stage}"], cwd=workdir, capture_output=True, text=True)
-        if result.returncode != 0:
-            raise SystemExit(f"{method}: stage {stage} failed:\n{result.stdout}\n{result.stderr}")
-        typer.echo(f"  {method:<8} {stage:<8} {time.perf_counter() - start:6.1f}s  {result.stdout.strip().splitlines()[-1]}")
-    metrics = json.loads((workdir / "reports/metrics.json").read_text())
+def dvc(*args: str) -> str:
+    result = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=ROOT, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"dvc {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
+    return result.stdout
+
+
+def queue(method: str, overrides: list[str], run_id: str) -> str:
+    name = f"methods-{method}-{run_id}"
+    dvc("exp", "run", "--queue", "--name", name, *(arg for o in [*overrides, f"train.method={method}"] for arg in ("-S", o)))
+    return name
+
+
+def experiment_metrics(names: list[str]) -> dict[str, dict]:
+    """Each named experiment's metrics files, as `dvc exp show --json` reports them."""
+    found = {}
+    for commit in json.loads(dvc("exp", "show", "--json")):
+        for experiment in commit.get("experiments") or []:
+            if experiment.get("name") in names:
+                data = experiment["revs"][0]["data"]
+                metrics = data.get("metrics") or {}
+                found[experiment["name"]] = {path: (entry or {}).get("data", {}) for path, entry in metrics.items()}
+    missing = [name for name in names if name not in found or "reports/metrics.json" not in found[name]]
+    if missing:
+        raise SystemExit(f"no metrics for {missing} in `dvc exp show`: see `dvc queue logs <name>`")
+    return found
+
+
+def row_of(method: str, metrics: dict[str, dict]) -> dict:
+    evaluated = metrics["reports/metrics.json"]
     row = {"method": method}
     for name, (section, key) in KEYS.items():
-        row[name] = metrics.get(section, {}).get(key)
+        row[name] = evaluated.get(section, {}).get(key)
     # Seconds are not metrics: the train stage writes them beside its outputs.
-    row["timing.train_s"] = json.loads((workdir / "reports/timing/train.json").read_text())["train_s"]
+    row["timing.train_s"] = metrics.get("reports/timing/train.json", {}).get("train_s")
     return row
 
 
 def main(
     method: list[str] = typer.Option(["none", "siamese", "triplet"], help="methods to compare (repeat the option)"),
-    set_param: Optional[list[str]] = typer.Option(None, "--set-param", "-S", help="extra override KEY=VALUE, like dvc exp run -S"),
+    set_param: Optional[list[str]] = typer.Option(None, "--set-param", "-S", help="extra override KEY=VALUE, as for dvc exp run -S"),
+    jobs: int = typer.Option(1, "--jobs", "-j", help="experiments run at once (dvc exp run --run-all --jobs)"),
     out: Path = typer.Option(ROOT / "reports/methods.json"),
 ) -> None:
     overrides = DEFAULT_OVERRIDES + list(set_param or [])
-    rows = []
-    for name in method:
-        with tempfile.TemporaryDirectory(prefix=f"clipline-{name}-") as tmp:
-            rows.append(run_method(name, overrides, Path(tmp)))
-    payload = {"generated_by": "python bench/compare_methods.py", "date": date.today().isoformat(), "overrides": overrides, "rows": rows}
+    run_id = time.strftime("%Y%m%d-%H%M%S")
+    names = {name: queue(name, overrides, run_id) for name in method}
+    typer.echo(f"queued {', '.join(names.values())}; running them (dvc exp run --run-all --jobs {jobs}) ...")
+    start = time.perf_counter()
+    dvc("exp", "run", "--run-all", "--jobs", str(jobs))
+    typer.echo(f"ran in {time.perf_counter() - start:.0f}s")
+    metrics = experiment_metrics(list(names.values()))
+    rows = [row_of(name, metrics[experiment]) for name, experiment in names.items()]
+    payload = {
+        "generated_by": "python bench/compare_methods.py",
+        "date": date.today().isoformat(),
+        "overrides": overrides,
+        "experiments": list(names.values()),
+        "rows": rows,
+    }
     out.write_text(json.dumps(payload, indent=2) + "\n")
     columns = [*KEYS, "timing.train_s"]
     typer.echo(f"\n{'method':<10}" + "".join(f"{k.split('.')[-1]:>16}" for k in columns))
