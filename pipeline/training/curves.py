@@ -5,8 +5,8 @@
     reports/train/plots/metrics/val/<name>.tsv      each validation's numbers; step 0 is the model before training
 
 DVCLive's step is the epoch. Wall-clock times stay out (they go to reports/timing), so the curves
-are a function of the params and data alone. Written as training goes, so `dvc exp show` and the
-VS Code extension follow a `dvc exp run` while it trains.
+are a function of the params and data alone. Written after every epoch, not at the end, so a
+`dvc exp run` can be followed while it trains (DVC's VS Code extension reads these files).
 """
 
 from __future__ import annotations
