@@ -28,7 +28,8 @@ from pipeline.training.checkpoints import Resume, TrainResult, capture_rng, rest
 from pipeline.training.optim import cosine_with_warmup
 from pipeline.training.progress import epoch_line
 
-# Part of what a saved run state must match to be resumed: bump when its layout changes.
+# Part of the fingerprint a saved run state must match to be resumed (pipeline/train.py): bump when
+# the state's layout changes.
 STATE_VERSION = 2
 
 
@@ -126,6 +127,7 @@ def fit(
             epochs = range(state["epoch"] + 1, epochs.stop)
         trainable = [p for group in optimizer.param_groups for p in group["params"]]
         for epoch in epochs:
+            start = time.perf_counter()
             _train_epoch(method, loaded, params, optimizer, scheduler, trainable, epoch, world, result)
             score = None
             if has_val and (epoch % params.val_every == 0 or epoch == params.epochs):
@@ -136,7 +138,7 @@ def fit(
                 if stopper.improved(row[method.score]):
                     result.best, result.best_epoch = snapshot_on_main(world, loaded.model, epoch, loaded.image_head), epoch
             if world.is_main:
-                epoch_line(epoch, params.epochs, result.loss_rows[-1]["loss"], result.loss_rows[-1]["epoch_s"], score)
+                epoch_line(epoch, params.epochs, result.loss_rows[-1]["loss"], time.perf_counter() - start, score)  # validation included
                 if on_epoch is not None:
                     on_epoch(result)
             if params.checkpoint_every and epoch % params.checkpoint_every == 0 and world.is_main:
@@ -148,7 +150,7 @@ def fit(
                 )
             last_epoch = epoch
             resume.save(
-                version=STATE_VERSION, epoch=epoch, phase=phase.name, model=loaded.model.state_dict(),
+                epoch=epoch, phase=phase.name, model=loaded.model.state_dict(),
                 head=None if loaded.image_head is None else loaded.image_head.state_dict(),
                 optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), result=result_state(result),
                 stopper={"best": stopper.best, "bad_rounds": stopper.bad_rounds}, rng=capture_rng(method.generators, method.numpy_rngs),
