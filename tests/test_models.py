@@ -1,5 +1,6 @@
 """open_clip loading: the tiny config, and errors that say what to do instead."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -51,3 +52,18 @@ def test_cuda_request_without_cuda_is_a_clear_error():
         pytest.skip("this machine has CUDA")
     with pytest.raises(models.ModelError, match="CUDA is not available"):
         models.resolve_device("cuda")
+
+
+def test_texts_tokenised_once_encode_as_texts_tokenised_per_batch():
+    """Validation encodes its captions from tokens made once: the same embeddings, bit for bit,
+    as tokenising batch by batch, including the last, short batch."""
+    from pipeline.models.encode import encode_texts, encode_tokens
+
+    torch.manual_seed(0)
+    loaded = models.create_model("clipline-tiny", "none", "cpu")
+    texts = [f"a {colour} {shape} on the {side}" for colour in ("red", "blue", "green") for shape in ("circle", "star") for side in ("left", "right")]
+    once = encode_tokens(loaded, loaded.tokenizer(texts), batch_size=5)
+    per_batch = encode_texts(loaded, texts, batch_size=5)
+    assert once.shape == (len(texts), loaded.embed_dim)
+    np.testing.assert_array_equal(once, per_batch)
+    assert encode_tokens(loaded, loaded.tokenizer([]), batch_size=5).shape == (0, loaded.embed_dim)

@@ -141,18 +141,33 @@ def encode_images(loaded: LoadedModel, paths: Sequence, batch_size: int = 256, n
     return encode_image_batches(loaded, image_loader(loaded, paths, batch_size, num_workers))
 
 
-@torch.inference_mode()
-def encode_texts(loaded: LoadedModel, texts: Sequence[str], batch_size: int = 256, desc: str = "texts") -> np.ndarray:
-    model, device = loaded.model, loaded.device
+def _text_batches(loaded: LoadedModel, token_batches, total: int, desc: str) -> np.ndarray:
     out = []
-    for start in tqdm(range(0, len(texts), batch_size), desc=desc, leave=False, disable=None):
-        tokens = loaded.tokenizer(list(texts[start : start + batch_size])).to(device)
-        with autocast(device):
-            features = model.encode_text(tokens)
+    for tokens in tqdm(token_batches, total=total, desc=desc, leave=False, disable=None):
+        with autocast(loaded.device):
+            features = loaded.model.encode_text(tokens.to(loaded.device))
         out.append(F.normalize(features.float(), dim=-1).cpu())
     if not out:
         return np.zeros((0, loaded.embed_dim), dtype=np.float32)
     return torch.cat(out).numpy()
+
+
+@torch.inference_mode()
+def encode_texts(loaded: LoadedModel, texts: Sequence[str], batch_size: int = 256, desc: str = "texts") -> np.ndarray:
+    """Normalised text embeddings, tokenised batch by batch (a caption table of millions is never
+    held as tokens all at once)."""
+    starts = range(0, len(texts), batch_size)
+    token_batches = (loaded.tokenizer(list(texts[start : start + batch_size])) for start in starts)
+    return _text_batches(loaded, token_batches, len(starts), desc)
+
+
+@torch.inference_mode()
+def encode_tokens(loaded: LoadedModel, tokens: torch.Tensor, batch_size: int = 256, desc: str = "texts") -> np.ndarray:
+    """`encode_texts` of texts tokenised once beforehand (rows of `tokens`): for texts encoded
+    again and again, as a validation split's captions are after every epoch (tokenising them took
+    a third of the validation's time)."""
+    batches = tokens.split(batch_size)
+    return _text_batches(loaded, batches, len(batches), desc)
 
 
 def encode_class_prompts(loaded: LoadedModel, class_names: Sequence[str], templates: Sequence[str]) -> np.ndarray:

@@ -21,7 +21,7 @@ from pipeline.prepared import Prepared
 from pipeline.metrics import tasks
 from pipeline.metrics.retrieval import recall_at_k
 from pipeline.models import LoadedModel
-from pipeline.models.encode import PreprocessedImages, autocast, encode_image_batches, encode_texts
+from pipeline.models.encode import PreprocessedImages, autocast, encode_image_batches, encode_tokens
 from pipeline.params import RuntimeParams, TrainParams
 from pipeline.pixels import SampleTransform
 from pipeline.training.augment import PerSampleRandom, decode_once
@@ -87,7 +87,7 @@ class Validation:
     def __init__(self, loaded: LoadedModel, prepared: Prepared, split: str = "val", batch_size: int = 256, image_cache_mb: float = 0.0):
         self.loaded, self.split, self.batch_size = loaded, split, batch_size
         self.images, captions = captions_by_image(prepared, split)
-        self.texts = [c for caps in captions for c in caps]
+        self.tokens = loaded.tokenizer([c for caps in captions for c in caps])  # once, not every epoch
         self.text_image = np.repeat(np.arange(len(self.images)), [len(c) for c in captions])
         self.pixels = PreprocessedImages(loaded, prepared.image_paths(self.images), batch_size, max_mb=image_cache_mb)
 
@@ -100,7 +100,7 @@ class Validation:
             return None
         self.loaded.model.eval()
         image_emb = encode_image_batches(self.loaded, self.pixels, desc=f"{self.split} images")
-        text_emb = encode_texts(self.loaded, self.texts, self.batch_size, desc=f"{self.split} texts")
+        text_emb = encode_tokens(self.loaded, self.tokens, self.batch_size, desc=f"{self.split} texts")
         recalls = recall_at_k(image_emb, text_emb, self.text_image, (1, 5, 10))
         row = {f"{direction}_{k}": v for direction, ks in recalls.items() for k, v in ks.items()}
         row["mean_recall"] = float(np.mean(list(row.values())))
