@@ -88,14 +88,14 @@ def screen_once(params: params_lib.Params, model_name: str, data: Path, seed: in
         result = TRAINERS[train.method](loaded, prepared, train, runtime=params.runtime)
     train_s = time.perf_counter() - start
     loaded.model.load_state_dict(result.best["model"])
-    if loaded.image_head is not None and "head" in result.best:
-        loaded.image_head.load_state_dict(result.best["head"])
     loaded.model.eval()
 
+    row = {"seed": seed, "train_s": round(train_s, 1), "best_epoch": result.best_epoch}
+    if loaded.image_head is not None:  # triplet's head leaves the text space: compare_methods scores it
+        return row
     split = params.evaluate.split
     images = prepared.images[prepared.images["split"] == split].reset_index(drop=True)
     image_emb = encode_images(loaded, prepared.image_paths(images), params.runtime.batch_size)
-    row = {"seed": seed, "train_s": round(train_s, 1), "best_epoch": result.best_epoch}
     zero_shot = tasks.zero_shot(images, image_emb, encode_class_prompts(loaded, prepared.class_names, prepared.templates), prepared.class_names, split)
     row["zero_shot.top1"] = zero_shot.metrics.get("top1")
     if prepared.captions is not None:
@@ -122,6 +122,8 @@ def main(
     for override in set_ or []:
         params_lib.apply_override(raw, override)
     params = params_lib.parse(raw)
+    if params.train.method not in TRAINERS:
+        raise typer.BadParameter(f"train.method {params.train.method!r} trains nothing to screen ({', '.join(TRAINERS)})", param_hint="-S")
     model_name = model_with(params.model.name, model_set or [])
     rows = []
     for s in seed:
