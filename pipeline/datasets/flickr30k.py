@@ -16,8 +16,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterable, Optional
 
-from pipeline.datasets.base import DatasetError, PreparedDataset, Rejections, resolve_root
-from pipeline.datasets.karpathy import CAPTION_ZIP, find_json, prepare_captioned, read_karpathy
+from pipeline.datasets.base import DatasetError, PreparedDataset
+from pipeline.datasets.karpathy import CAPTION_ZIP, open_listing, prepare_captioned
 from pipeline.params import DataParams
 
 JSON_FILE = "dataset_flickr30k.json"
@@ -26,12 +26,7 @@ IMAGES_URL = "https://shannon.cs.illinois.edu/DenotationGraph/"
 
 
 def prepare(params: DataParams, out_dir: Path) -> PreparedDataset:
-    root = resolve_root(params)
-    json_path = find_json(root, JSON_FILE)
-    if json_path is None:
-        raise DatasetError(_missing_message(root, f"no {JSON_FILE}"))
-    rejections = Rejections.from_params(params)
-    listing = read_karpathy(json_path, rejections)
+    root, json_path, listing, rejections = open_listing(params, JSON_FILE, _missing_message)
     image_dir = _image_dir(root, listing.splits)
     if image_dir is None:
         raise DatasetError(_missing_message(root, "no image folder"))

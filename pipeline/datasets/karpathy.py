@@ -24,7 +24,7 @@ import json
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Optional
+from typing import Callable, Optional
 
 import pandas as pd
 
@@ -34,6 +34,7 @@ from pipeline.datasets.base import (
     PreparedDataset,
     Rejections,
     drop_unreadable,
+    resolve_root,
     safe_member,
 )
 from pipeline.params import DataParams
@@ -53,6 +54,20 @@ class KarpathyCaptions:
 
 def find_json(root: Path, name: str) -> Optional[Path]:
     return next((root / d / name for d in JSON_DIRS if (root / d / name).is_file()), None)
+
+
+def open_listing(
+    params: DataParams, json_name: str, missing_message: Callable[[Path, str], str], folder_key: Optional[str] = None
+) -> tuple[Path, Path, KarpathyCaptions, Rejections]:
+    """(data.root, its Karpathy JSON, the JSON read, the rejections to record in) for a source whose
+    JSON sits in one of `JSON_DIRS` (flickr30k, mscoco); no JSON fails with the source's own
+    `missing_message(root, what is missing)`."""
+    root = resolve_root(params)
+    json_path = find_json(root, json_name)
+    if json_path is None:
+        raise DatasetError(missing_message(root, f"no {json_name}"))
+    rejections = Rejections.from_params(params)
+    return root, json_path, read_karpathy(json_path, rejections, folder_key=folder_key), rejections
 
 
 def read_karpathy(path: Path, rejections: Optional[Rejections] = None, folder_key: Optional[str] = None) -> KarpathyCaptions:

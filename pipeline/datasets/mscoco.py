@@ -18,8 +18,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.datasets.base import DatasetError, PreparedDataset, Rejections, resolve_root
-from pipeline.datasets.karpathy import CAPTION_ZIP, find_json, prepare_captioned, read_karpathy
+from pipeline.datasets.base import DatasetError, PreparedDataset
+from pipeline.datasets.karpathy import CAPTION_ZIP, open_listing, prepare_captioned
 from pipeline.params import DataParams
 
 JSON_FILE = "dataset_coco.json"
@@ -29,12 +29,7 @@ IMAGE_ZIPS = ("train2014.zip", "val2014.zip")
 
 
 def prepare(params: DataParams, out_dir: Path) -> PreparedDataset:
-    root = resolve_root(params)
-    json_path = find_json(root, JSON_FILE)
-    if json_path is None:
-        raise DatasetError(_missing_message(root, f"no {JSON_FILE}"))
-    rejections = Rejections.from_params(params)
-    listing = read_karpathy(json_path, rejections, folder_key=FOLDER_KEY)
+    root, json_path, listing, rejections = open_listing(params, JSON_FILE, _missing_message, folder_key=FOLDER_KEY)
     folders = sorted({Path(file).parent.as_posix() for file in listing.splits})
     if not any((root / folder).is_dir() for folder in folders):
         raise DatasetError(_missing_message(root, f"none of the image folders {json_path.name} names: {', '.join(folders)}"))
