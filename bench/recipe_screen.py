@@ -41,7 +41,7 @@ from pipeline import params as params_lib
 from pipeline.metrics import tasks
 from pipeline.models import create_model, register_configs
 from pipeline.models.encode import encode_class_prompts, encode_images, encode_texts
-from pipeline.prepared import load_prepared
+from pipeline.prepared import Prepared, load_prepared
 from pipeline.train import TRAINERS
 from pipeline.training.optim import seed_everything
 
@@ -78,9 +78,8 @@ def model_with(name: str, settings: list[str]) -> str:
     return "screen-model"
 
 
-def screen_once(params: params_lib.Params, model_name: str, data: Path, seed: int) -> dict:
+def screen_once(params: params_lib.Params, model_name: str, prepared: Prepared, seed: int) -> dict:
     train = params.train.model_copy(update={"seed": seed})
-    prepared = load_prepared(data)
     seed_everything(seed)  # as the train stage: the initial weights depend on it
     loaded = create_model(model_name, params.model.pretrained, params.runtime.device)
     start = time.perf_counter()
@@ -125,9 +124,10 @@ def main(
     if params.train.method not in TRAINERS:
         raise typer.BadParameter(f"train.method {params.train.method!r} trains nothing to screen ({', '.join(TRAINERS)})", param_hint="-S")
     model_name = model_with(params.model.name, model_set or [])
+    prepared = load_prepared(data)  # once: training leaves it as it was
     rows = []
     for s in seed:
-        rows.append(screen_once(params, model_name, data, s))
+        rows.append(screen_once(params, model_name, prepared, s))
         typer.echo("  ".join(f"{k} {v:.3f}" if isinstance(v, float) and k != "train_s" else f"{k} {v}" for k, v in rows[-1].items()))
     summary = {}
     for key in ("zero_shot.top1", "t2i.R@5", "train_s"):
