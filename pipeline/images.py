@@ -7,6 +7,7 @@ not rerun it.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import tarfile
 from dataclasses import dataclass
@@ -124,6 +125,25 @@ class _MemberBytes(io.BytesIO):
 
     def __repr__(self) -> str:
         return repr(self.member)
+
+
+def file_sha256(ref: Path | TarMember) -> str:
+    """SHA-256 of the image's bytes (a file, or a tar member's byte range), as hex: byte-identical
+    files are one content, whatever their names."""
+    if isinstance(ref, TarMember):
+        return hashlib.sha256(ref.read()).hexdigest()
+    with open(ref, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def pixel_sha256(ref: ImageRef) -> str:
+    """SHA-256 of the image as the model receives it (its RGB pixels and size), as hex: byte-identical
+    files, and re-encodings of the same pixels (a PNG saved again, another container), are one
+    content, whatever their names. Raises DatasetError naming the file when it cannot be decoded."""
+    rgb = load_rgb(ref)
+    digest = hashlib.sha256(f"{rgb.width}x{rgb.height}:".encode())
+    digest.update(rgb.tobytes())
+    return digest.hexdigest()
 
 
 def openable(ref: ImageRef):

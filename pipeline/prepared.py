@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline import io
+from pipeline.errors import DatasetError
 from pipeline.images import PIXEL_STORE, ImageRef, StoredPixels, image_refs
 
 
@@ -75,9 +76,13 @@ def load_prepared(root: str | Path = "data/prepared") -> Prepared:
     classes = io.read_json(root / "classes.json")
     captions_path = root / "captions.parquet"
     image_root = root if info["image_root"] is None else Path(info["image_root"])
+    images = pd.read_parquet(root / "images.parquet")
+    if "content_hash" not in images.columns or images["content_hash"].isna().any():
+        # Retrieval counts identical images as one candidate by this column (prepare writes it).
+        raise DatasetError(f"{root / 'images.parquet'}: no content_hash for every image (prepared by an older clipline); rerun `dvc repro prepare`")
     return Prepared(
         root=root,
-        images=pd.read_parquet(root / "images.parquet"),
+        images=images,
         captions=pd.read_parquet(captions_path) if captions_path.exists() else None,
         classes=classes["classes"],
         templates=classes["templates"],

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import hashlib
+import shutil
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image
 
 from pipeline.datasets import folder
 from pipeline.prepared import load_prepared
 from pipeline.datasets import prepare as prepare_dataset
-from pipeline.datasets.base import DEFAULT_TEMPLATES, DatasetError
+from pipeline.datasets import with_content_hashes
+from pipeline.datasets.base import DEFAULT_TEMPLATES, DatasetError, Rejections
 from pipeline.params import DataParams
 
 
@@ -117,3 +121,46 @@ def test_prepare_writes_tables_that_load_back(tmp_path):
     assert prepared.class_names == ["Moose", "ant", "zebra"]
     assert prepared.templates == DEFAULT_TEMPLATES
     assert prepared.captions is None
+
+
+def test_identical_images_share_a_content_hash_whatever_their_files(tmp_path):
+    root = make_tree(tmp_path / "tree")
+    shutil.copyfile(root / "ant" / "img0.jpg", root / "zebra" / "copy_of_ant.jpg")  # same bytes, another class
+    with Image.open(root / "ant" / "img2.jpeg") as img:
+        img.convert("RGB").save(root / "Moose" / "png_of_ant.png")  # other bytes, the same decoded pixels
+    out = tmp_path / "prepared"
+    prepare_dataset(params(root), out)
+    images = load_prepared(out).images.set_index("image_id")
+    assert images.at["zebra/copy_of_ant", "content_hash"] == images.at["ant/img0", "content_hash"]
+    assert images.at["Moose/png_of_ant", "content_hash"] == images.at["ant/img2", "content_hash"]
+    with Image.open(root / "ant" / "img0.jpg") as img:
+        rgb = img.convert("RGB")
+        expected = hashlib.sha256(f"{rgb.width}x{rgb.height}:".encode() + rgb.tobytes()).hexdigest()
+    assert images.at["ant/img0", "content_hash"] == expected
+    assert images["content_hash"].nunique() == len(images) - 2  # every other image is its own content
+
+
+@pytest.mark.parametrize("policy", ["fail", "skip"])
+def test_an_image_that_cannot_be_read_for_its_hash_is_an_error_or_a_rejection(tmp_path, policy):
+    # With data.check_images off nothing checks the files first, so hashing is the first decode.
+    root = make_tree(tmp_path / "tree")
+    dataset = folder.prepare(params(root, check_images=False, on_bad_image=policy), tmp_path / "out")
+    (root / "ant" / "img2.jpeg").unlink()
+    rejections = Rejections.from_params(params(root, on_bad_image=policy))
+    if policy == "fail":
+        with pytest.raises(DatasetError, match=r"tree/ant/img2.jpeg: image file not found \(set data.on_bad_image: skip"):
+            with_content_hashes(dataset, rejections)
+        return
+    images = with_content_hashes(dataset, rejections)
+    assert len(images) == 11 and "ant/img2" not in set(images["image_id"]) and images["content_hash"].notna().all()
+    assert dataset.rejected == [{"path": str(root / "ant" / "img2.jpeg"), "kind": "image", "reason": "image file not found"}]
+
+
+def test_prepared_tables_without_content_hashes_are_refused(tmp_path):
+    root = make_tree(tmp_path / "tree")
+    out = tmp_path / "prepared"
+    prepare_dataset(params(root), out)
+    images = pd.read_parquet(out / "images.parquet")
+    images.drop(columns="content_hash").to_parquet(out / "images.parquet", index=False)
+    with pytest.raises(DatasetError, match=r"prepared/images.parquet: no content_hash for every image .* rerun `dvc repro prepare`"):
+        load_prepared(out)

@@ -2,7 +2,9 @@
 
 `prepare(params, out_dir)` dispatches to one module per source and writes, atomically:
 
-    out_dir/images.parquet     one row per image (see base.IMAGE_COLUMNS; WebDataset adds base.TAR_COLUMNS)
+    out_dir/images.parquet     one row per image (see base.IMAGE_COLUMNS; WebDataset adds base.TAR_COLUMNS),
+                               with `content_hash`: the SHA-256 of the image's decoded RGB pixels, so that
+                               later stages know identical images apart from their ids without reading files
     out_dir/captions.parquet   one row per caption, when the source has captions
     out_dir/classes.json       ordered classes + prompt templates
     out_dir/rejected.parquet   path, kind (image | annotation | note), reason: what was left out
@@ -23,8 +25,8 @@ import pandas as pd
 from PIL import Image
 
 from pipeline import io
-from pipeline.images import PIXEL_STORE, image_refs, load_rgb, openable
-from pipeline.datasets.base import DatasetError, PreparedDataset, cap_per_split
+from pipeline.images import PIXEL_STORE, image_refs, pixel_sha256, load_rgb, openable
+from pipeline.datasets.base import DatasetError, PreparedDataset, Rejections, cap_per_split
 from pipeline.params import DataParams
 
 REJECTED_COLUMNS = ["path", "kind", "reason"]
@@ -51,12 +53,30 @@ def prepare(params: DataParams, out_dir: str | Path) -> PreparedDataset:
     with io.atomic_dir(out_dir) as tmp:
         dataset: PreparedDataset = module.prepare(params, tmp)
         dataset.images = cap_per_split(dataset.images, params.max_images_per_split, params.seed)
+        dataset.images = with_content_hashes(dataset, Rejections.from_params(params))
         if dataset.captions is not None:
             dataset.captions = dataset.captions[dataset.captions["image_id"].isin(dataset.images["image_id"])]
         _write(dataset, tmp, pixel_store=params.check_images)
     if dataset.image_root == tmp:  # the temp folder was renamed to out_dir
         dataset.image_root = Path(out_dir)
     return dataset
+
+
+def with_content_hashes(dataset: PreparedDataset, rejections: Rejections) -> pd.DataFrame:
+    """`dataset.images` with `content_hash` (`pixel_sha256`: identical decoded pixels are one image,
+    whatever the file names or encodings). An image that cannot be decoded (possible when
+    `data.check_images` is off) is an error, or a recorded rejection when `data.on_bad_image` is
+    skip; the rejections join `dataset.rejected`."""
+    hashes = []
+    for ref in image_refs(dataset.images, dataset.image_root):
+        try:
+            hashes.append(pixel_sha256(ref))
+        except DatasetError as err:
+            rejections.bad_image(ref, str(err).removeprefix(f"{ref}: "))
+            hashes.append(None)
+    images = dataset.images.assign(content_hash=pd.array(hashes, dtype="string"))
+    dataset.rejected = [*dataset.rejected, *rejections.records]
+    return images[images["content_hash"].notna().to_numpy()].reset_index(drop=True)
 
 
 # A fixed size, not a param: whether the store exists is then a function of the data alone, and

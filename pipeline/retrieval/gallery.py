@@ -34,7 +34,7 @@ import pandas as pd
 
 from pipeline import io
 from pipeline.errors import DatasetError
-from pipeline.images import IMAGE_EXTENSIONS, check_image
+from pipeline.images import IMAGE_EXTENSIONS, check_image, file_sha256
 from pipeline.errors import GalleryError  # noqa: F401 (callers import it from here too)
 from pipeline.retrieval import faiss_index
 
@@ -62,14 +62,6 @@ class AddReport:
     rejected: list[tuple[Path, str]] = field(default_factory=list)  # (source file, why)
     ignored: list[Path] = field(default_factory=list)  # files in given folders without an image extension
     total: int = 0  # gallery size afterwards
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def base_fingerprint(base: Artifacts) -> str:
