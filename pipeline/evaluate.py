@@ -5,9 +5,11 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import pandas as pd
 import typer
 
 from pipeline import io, preflight
+from pipeline.errors import DatasetError
 from pipeline.metrics import tasks
 from pipeline.prepared import load_prepared
 from pipeline.reporting import markdown, outputs
@@ -33,8 +35,11 @@ def main(
     preflight.check_against_data(everything, prepared)
     images, image_emb = io.read_embeddings(embeddings / "images")
     texts, text_emb = io.read_embeddings(embeddings / "texts") if (embeddings / "texts").exists() else (None, None)
-    if texts is not None:  # shards carry ids only; the caption text is in the prepared table
-        texts = texts.merge(prepared.captions[["caption_id", "caption"]], on="caption_id", how="left", validate="one_to_one")
+    # Shards carry ids only; the content hashes and caption strings are in the prepared tables.
+    images = with_prepared_columns(images, prepared.images, "image_id", ["content_hash"], embeddings / "images", data / "images.parquet")
+    if texts is not None:
+        captions = prepared.captions if prepared.captions is not None else pd.DataFrame(columns=["caption_id", "caption"])
+        texts = with_prepared_columns(texts, captions, "caption_id", ["caption"], embeddings / "texts", data / "captions.parquet")
     _, class_emb = io.read_embeddings(embeddings / "classes.parquet")
     embed_info = io.read_json(embeddings / "embed.json")
     index = faiss_index.load(index_dir)
@@ -53,7 +58,7 @@ def main(
     index_keys = ("factory", "metric", "n", "dim", "recall@10")
 
     results = {"zero_shot": zero_shot, "retrieval": retrieval, "verification": verification}
-    written, not_drawn = outputs.write(reports, train_reports, results, prepared.class_names, index, prepared.image_root, params.n_examples, probe_dir)
+    written, not_drawn = outputs.write(reports, train_reports, results, prepared, index, params.n_examples, probe_dir)
     probe = io.read_json(probe_dir / "probe.json") if (probe_dir / "probe.json").exists() else {"skipped": f"no {probe_dir}/probe.json; run `dvc repro probe`"}
 
     metrics = {
@@ -90,6 +95,18 @@ def main(
     if "map_at_r" in metric_learning.metrics:
         summary.append(f"MAP@R {metric_learning.metrics['map_at_r']:.3f}")
     typer.echo(f"evaluate: {', '.join(summary) or 'no task applied'} -> {reports / 'metrics.json'}")
+
+
+def with_prepared_columns(frame: pd.DataFrame, prepared: pd.DataFrame, key: str, columns: list[str], frame_path: Path, prepared_path: Path) -> pd.DataFrame:
+    """`frame` (embedding metadata) with `columns` of the prepared table joined on `key`; an id the
+    prepared table lacks means the embeddings come from other prepared data: an error naming both."""
+    missing = ~frame[key].isin(prepared[key])
+    if missing.any():
+        raise DatasetError(
+            f"{frame_path}: {int(missing.sum())} {key}s not in {prepared_path} (e.g. {frame.loc[missing, key].iloc[0]!r}); "
+            "the embeddings were made from other prepared data: rerun `dvc repro embed`"
+        )
+    return frame.merge(prepared[[key, *columns]], on=key, how="left", validate="one_to_one")
 
 
 app = stage_app(main)

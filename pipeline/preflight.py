@@ -87,19 +87,25 @@ def check_probe_k(params: Params, images: pd.DataFrame) -> None:
         )
 
 
-def check_recall_k(params: Params, images: pd.DataFrame, has_captions: bool) -> None:
-    """Recall at K >= the split's size is 1 whatever the model: refuse it rather than report it."""
+def check_recall_k(params: Params, prepared: "Prepared") -> None:
+    """Recall at K >= the number of distinct candidates is 1 whatever the model: refuse it rather
+    than report it. Candidates are counted as the metric counts them: distinct images (content
+    hashes) of the split's captioned images, distinct caption strings."""
+    if prepared.captions is None:
+        return
     split = params.evaluate.split
-    n_split = int((images["split"] == split).sum())
+    captions = prepared.captions[prepared.captions["split"] == split]
+    images = prepared.images[(prepared.images["split"] == split) & prepared.images["image_id"].isin(captions["image_id"])]
     largest = max(params.evaluate.recall_k)
-    if has_captions and n_split and largest >= n_split:
-        raise ParamsError(
-            f"evaluate.recall_k: R@{largest} asked for, but the '{split}' split has {n_split} images, "
-            f"so recall at {n_split} or more is 1 whatever the model; use values below {n_split}"
-        )
+    for n, what in ((images["content_hash"].nunique(), "distinct captioned images"), (captions["caption"].nunique(), "distinct captions")):
+        if n and largest >= n:
+            raise ParamsError(
+                f"evaluate.recall_k: R@{largest} asked for, but the '{split}' split has {n} {what}, "
+                f"so recall at {n} or more is 1 whatever the model; use values below {n}"
+            )
 
 
 def check_against_data(params: Params, prepared: "Prepared") -> None:
     """The checks that need the prepared tables (every stage after `prepare` has them)."""
     check_probe_k(params, prepared.images)
-    check_recall_k(params, prepared.images, prepared.captions is not None)
+    check_recall_k(params, prepared)

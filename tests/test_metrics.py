@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from pipeline.metrics.classification import chance_top1, top_k_accuracy
-from pipeline.metrics.retrieval import recall_at_k, recall_curve
+from pipeline.metrics.retrieval import ContentMatches, recall_at_k, recall_curve
 
 
 def test_top_k_accuracy_hand_computed():
@@ -43,7 +43,7 @@ def test_recall_both_ways_with_several_captions_per_image():
         dtype=np.float32,
     )
     text_image = np.array([0, 0, 1, 2])
-    result = recall_at_k(images, texts, text_image, ks=(1, 2))
+    result = recall_at_k(images, texts, ContentMatches.distinct(text_image, 3), ks=(1, 2))
     assert result["text_to_image"] == {"R@1": 0.5, "R@2": 1.0}
     # image 0: own best t0 (0.9) is the top text -> rank 0
     # image 1: own t2 (0.3) is beaten by t1 (0.8) -> rank 1
@@ -56,10 +56,11 @@ def test_perfect_embeddings_give_recall_one_and_curve_is_monotonic():
     images = _unit(*rng.normal(size=(20, 8)))
     texts = np.repeat(images, 5, axis=0)  # five identical captions per image
     text_image = np.repeat(np.arange(20), 5)
-    result = recall_at_k(images, texts, text_image, ks=(1, 5))
+    matches = ContentMatches.distinct(text_image, 20)
+    result = recall_at_k(images, texts, matches, ks=(1, 5))
     assert result["text_to_image"]["R@1"] == 1.0 and result["image_to_text"]["R@1"] == 1.0
     noisy = texts + rng.normal(scale=0.8, size=texts.shape)
-    curve = recall_curve(images, noisy, text_image, max_k=20)
+    curve = recall_curve(images, noisy, matches, max_k=20)
     t2i = [row["text_to_image"] for row in curve]
     assert t2i == sorted(t2i) and t2i[-1] == 1.0
 
@@ -67,4 +68,4 @@ def test_perfect_embeddings_give_recall_one_and_curve_is_monotonic():
 def test_recall_rejects_images_without_text():
     images = _unit([1, 0], [0, 1])
     with pytest.raises(ValueError, match="every image needs"):
-        recall_at_k(images, images[:1], np.array([0]))
+        recall_at_k(images, images[:1], ContentMatches.distinct([0], 2))

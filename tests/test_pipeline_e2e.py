@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from pipeline.params import Params
+from pipeline.reporting import markdown
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = {
@@ -76,9 +77,16 @@ def test_repro_writes_metrics_plots_and_report(project):
     assert set(zero_shot) >= {"top1", "chance_top1", "n"} and zero_shot["chance_top1"] == 0.25
     assert "top5" not in zero_shot  # 4 classes: top-5 would be trivially 1
     for direction in ("text_to_image", "image_to_text"):
-        assert set(retrieval[direction]) == {"R@1", "R@5", "R@10"}
-        assert all(0.0 <= v <= 1.0 for v in retrieval[direction].values())
+        assert set(retrieval[direction]) == {"R@1", "R@5", "R@10", "n_queries", "n_candidates"}
+        assert all(0.0 <= retrieval[direction][f"R@{k}"] <= 1.0 for k in (1, 5, 10))
     assert retrieval["n_images"] == 12 and retrieval["n_texts"] == 60
+    # A candidate is its content: the distinct strings and pixel contents of the test split.
+    images, captions = (pd.read_parquet(project / f"data/prepared/{t}.parquet") for t in ("images", "captions"))
+    test_captions = captions[captions["split"] == "test"]
+    assert retrieval["text_to_image"]["n_queries"] == 60 and retrieval["image_to_text"]["n_queries"] == 12
+    assert retrieval["image_to_text"]["n_candidates"] == test_captions["caption"].nunique()
+    assert retrieval["text_to_image"]["n_candidates"] == images.loc[images["split"] == "test", "content_hash"].nunique()
+    assert retrieval["merged"]["repeated_captions"] == 60 - test_captions["caption"].nunique()
     assert index["factory"] == "Flat" and index["recall@10"] == 1.0 and index["n"] == 60
     assert "timing" not in metrics and "qps" not in index  # times are not results: reports/timing/
     timing = {path.stem: json.loads(path.read_text()) for path in (project / "reports/timing").glob("*.json")}
@@ -89,6 +97,7 @@ def test_repro_writes_metrics_plots_and_report(project):
     assert encode_ms[0] < encode_ms[1] and encode_ms[0] < encode_ms[2]  # pixels need no encoder at all
     report = (project / "reports/report.md").read_text()
     assert "## Retrieval" in report and "figures/retrieval_examples.png" in report
+    assert markdown.merged_line(retrieval) in report  # what counting by content merged, if anything
     assert "## Methods compared" in report and "| siamese |" in report
     assert set(metrics["verification"]) >= {"threshold", "accuracy", "precision", "recall", "f1", "roc_auc", "eer", "n_pairs"}
     assert set(metrics["metric_learning"]) >= {"precision_at_1", "r_precision", "map_at_r"}
@@ -181,7 +190,7 @@ def test_evaluate_param_reruns_only_evaluate(project):
     assert "Running stage 'evaluate'" in out
     assert not any(f"Running stage '{s}'" in out for s in ("prepare", "train", "embed", "index", "probe"))
     metrics = json.loads((project / "reports/metrics.json").read_text())
-    assert set(metrics["retrieval"]["text_to_image"]) == {"R@1", "R@2"}
+    assert set(metrics["retrieval"]["text_to_image"]) == {"R@1", "R@2", "n_queries", "n_candidates"}
 
 
 def test_train_param_reruns_train_and_downstream_not_prepare(project):

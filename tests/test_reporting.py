@@ -7,10 +7,11 @@ METRICS = {
     "model": {"name": "ViT-B-32", "pretrained": "openai", "method": "none"},
     "zero_shot": {"skipped": "the dataset has no classes (zero-shot needs at least 2)"},
     "retrieval": {
-        "text_to_image": {"R@1": 0.5, "R@5": 0.75},
-        "image_to_text": {"R@1": 0.625, "R@5": 0.875},
+        "text_to_image": {"R@1": 0.5, "R@5": 0.75, "n_queries": 5000, "n_candidates": 998},
+        "image_to_text": {"R@1": 0.625, "R@5": 0.875, "n_queries": 1000, "n_candidates": 4990},
         "n_images": 1000,
         "n_texts": 5000,
+        "merged": {"repeated_captions": 10, "identical_images": 2},
     },
     "index": {"factory": "IVF64,Flat", "metric": "ip", "n": 8091, "dim": 512, "recall@10": 0.91},
 }
@@ -21,6 +22,8 @@ def test_skipped_task_is_explained_and_measured_ones_are_tabled():
     assert "## Zero-shot classification\n\nSkipped: the dataset has no classes (zero-shot needs at least 2)." in report
     assert "| text to image | 0.5000 | 0.7500 |" in report
     assert "| image to text | 0.6250 | 0.8750 |" in report
+    assert "10 captions repeat another caption's exact string and 2 images are identical copies" in report
+    assert "(998 distinct images for 5000 caption queries, 4990 distinct captions for 1000 image queries)" in report
     assert "![text-to-image retrieval examples](figures/retrieval_examples.png)" in report
     assert "| factory | IVF64,Flat |" in report and "| recall@10 | 0.9100 |" in report
     assert "## Training" not in report  # no curve was drawn

@@ -52,16 +52,20 @@ def test_zero_shot_is_skipped_with_a_reason():
 
 
 def test_retrieval_is_skipped_without_captions_and_restricted_to_the_split():
-    images = _images(["test", "test", "train"], [0, 1, 0])
+    images = _images(["test", "test", "train"], [0, 1, 0]).assign(content_hash=["h0", "h1", "h2"])
     image_emb = np.eye(3, dtype=np.float32)
     skipped = tasks.cross_modal_retrieval(images, image_emb, None, None, "test", [1]).metrics
     assert skipped == {"skipped": "the dataset has no captions"}
-    texts = pd.DataFrame({"caption_id": ["c0", "c1", "c2"], "image_id": ["i0", "i1", "i2"], "split": ["test", "test", "train"]})
-    # caption of i1 points at i0's direction: t2i R@1 = 1/2 within the test split
+    texts = pd.DataFrame(
+        {"caption_id": ["c0", "c1", "c2"], "image_id": ["i0", "i1", "i2"], "split": ["test", "test", "train"], "caption": ["a", "b", "a"]}
+    )
+    # caption of i1 points at i0's direction: t2i R@1 = 1/2 within the test split (the train
+    # image's copy of string "a" is not a candidate there)
     text_emb = np.array([[1, 0, 0], [0.9, 0.1, 0], [0, 0, 1]], dtype=np.float32)
     result = tasks.cross_modal_retrieval(images, image_emb, texts, text_emb, "test", [1])
     assert result.metrics["n_images"] == 2 and result.metrics["n_texts"] == 2
-    assert result.metrics["text_to_image"] == {"R@1": 0.5}
+    assert result.metrics["text_to_image"] == {"R@1": 0.5, "n_queries": 2, "n_candidates": 2}
+    assert result.metrics["merged"] == {"repeated_captions": 0, "identical_images": 0}
     assert tasks.cross_modal_retrieval(images, image_emb, texts.iloc[2:], text_emb[2:], "test", [1]).metrics == {
         "skipped": "no captioned images in the 'test' split"
     }

@@ -11,7 +11,7 @@ import pandas as pd
 from pipeline.metrics import verification as verification_metrics
 from pipeline.metrics.classification import chance_top1, predicted_classes, scores_among_present_classes, top_k_accuracy
 from pipeline.metrics.metric_learning import accuracy_at_r, self_excluded_neighbours
-from pipeline.metrics.retrieval import recall_at_k, recall_curve
+from pipeline.metrics.retrieval import ContentMatches, retrieval_ranks
 
 
 def skipped(reason: str) -> dict:
@@ -63,35 +63,53 @@ def zero_shot(images: pd.DataFrame, image_emb: np.ndarray, class_emb: np.ndarray
     )
 
 
+@dataclass
+class CaptionedSplit:
+    """The captioned images of a split, their captions, and which of them are one candidate."""
+
+    images: pd.DataFrame  # the split's images that have captions
+    image_rows: np.ndarray  # their rows in the table they came from (and in its embeddings)
+    texts: pd.DataFrame  # the captions of those images
+    text_rows: np.ndarray
+    matches: ContentMatches
+
+
+def captioned_split(images: pd.DataFrame, texts: pd.DataFrame, split: str | None) -> CaptionedSplit | None:
+    """The images of `split` (every image for None) that have captions, with those captions; None
+    when there are none. `texts` needs the caption strings (`caption`) and `images` each image's
+    `content_hash`, as the prepared tables hold them."""
+    in_split = np.ones(len(images), dtype=bool) if split is None else (images["split"] == split).to_numpy()
+    text_rows = np.flatnonzero(texts["image_id"].isin(images.loc[in_split, "image_id"]).to_numpy())
+    if len(text_rows) == 0:
+        return None
+    image_rows = np.flatnonzero(in_split & images["image_id"].isin(texts["image_id"].iloc[text_rows]).to_numpy())
+    kept, split_texts = images.iloc[image_rows].reset_index(drop=True), texts.iloc[text_rows].reset_index(drop=True)
+    row_of_image = pd.Series(np.arange(len(kept)), index=kept["image_id"].to_numpy())
+    matches = ContentMatches.build(row_of_image[split_texts["image_id"]].to_numpy(), split_texts["caption"], kept["content_hash"])
+    return CaptionedSplit(kept, image_rows, split_texts, text_rows, matches)
+
+
 def cross_modal_retrieval(
     images: pd.DataFrame, image_emb: np.ndarray, texts: pd.DataFrame | None, text_emb: np.ndarray | None, split: str, ks: list[int]
 ) -> TaskResult:
-    """Recall@K text->image and image->text over the images of `split` that have captions."""
+    """Recall@K text->image and image->text over the images of `split` that have captions, a
+    candidate counted once per content (`retrieval.ContentMatches`, built by `captioned_split`)."""
     if texts is None or text_emb is None or len(texts) == 0:
         return TaskResult(skipped("the dataset has no captions"))
-    image_mask = (images["split"] == split).to_numpy()
-    split_images, split_emb = images[image_mask].reset_index(drop=True), image_emb[image_mask]
-    text_mask = texts["image_id"].isin(split_images["image_id"]).to_numpy()
-    if not text_mask.any():
+    captioned = captioned_split(images, texts, split)
+    if captioned is None:
         return TaskResult(skipped(f"no captioned images in the '{split}' split"))
-    captioned = split_images["image_id"].isin(texts.loc[text_mask, "image_id"]).to_numpy()
-    kept, img = split_images[captioned].reset_index(drop=True), split_emb[captioned]
-    row_of_image = pd.Series(np.arange(len(kept)), index=kept["image_id"].to_numpy())
-    text_image = row_of_image[texts.loc[text_mask, "image_id"]].to_numpy()
-    txt = text_emb[text_mask]
-    metrics = recall_at_k(img, txt, text_image, ks)
-    metrics.update(n_images=int(len(img)), n_texts=int(len(txt)))
-    curve = recall_curve(img, txt, text_image, max_k=min(max(ks) * 2, len(img)))
+    matches = captioned.matches
+    img, txt = image_emb[captioned.image_rows], text_emb[captioned.text_rows]
+    ranks = retrieval_ranks(img, txt, matches)
+    metrics = ranks.recall(ks)
+    for direction, counts in matches.counts().items():
+        metrics[direction].update(counts)
+    metrics.update(n_images=matches.n_images, n_texts=matches.n_texts, merged=matches.merged())
     return TaskResult(
         metrics,
-        plots={"recall_at_k": curve},
-        extras={
-            "images": kept,
-            "image_emb": img,
-            "texts": texts[text_mask].reset_index(drop=True),
-            "text_emb": txt,
-            "text_image": text_image,
-        },
+        plots={"recall_at_k": ranks.curve(max_k=min(max(ks) * 2, matches.n_distinct_images))},
+        extras={"images": captioned.images, "image_emb": img, "texts": captioned.texts, "text_emb": txt, "matches": matches},
     )
 
 

@@ -79,6 +79,22 @@ def _per_class_table(zero_shot: dict, per_class: list[dict], split: str, max_row
     return text + "\n" + "\n".join(lines) + "\n"
 
 
+def merged_line(retrieval: dict) -> str:
+    """What counting a candidate once per content merged, so a reader comparing with a published
+    figure (which counts every row) knows when the two can differ."""
+    merged = retrieval["merged"]
+    t2i, i2t = retrieval["text_to_image"], retrieval["image_to_text"]
+    if not merged["repeated_captions"] and not merged["identical_images"]:
+        return "No caption string repeats and no image is an identical copy of another (the same decoded pixels): every row is its own candidate, as in CLIP_benchmark."
+    return (
+        f"A candidate is its content: {merged['repeated_captions']} captions repeat another caption's exact string and "
+        f"{merged['identical_images']} images are identical copies of another (the same decoded pixels), each merged into one candidate "
+        f"({t2i['n_candidates']} distinct images for {t2i['n_queries']} caption queries, {i2t['n_candidates']} distinct captions "
+        f"for {i2t['n_queries']} image queries); retrieving any image that carries a caption's exact string is a hit. "
+        "A published figure that counts every row as its own candidate can differ."
+    )
+
+
 def render(
     metrics: dict, figures: dict[str, str], methods: dict | None = None, not_drawn: dict[str, str] | None = None, per_class: list[dict] | None = None
 ) -> str:
@@ -107,7 +123,7 @@ def render(
     if "skipped" in retrieval:
         parts.append(_section("Retrieval", retrieval))
     else:
-        ks = list(retrieval["text_to_image"])
+        ks = [k for k in retrieval["text_to_image"] if k.startswith("R@")]
         lines = ["| direction | " + " | ".join(ks) + " |", "| --- |" + " ---: |" * len(ks)]
         for direction in ("text_to_image", "image_to_text"):
             lines.append(f"| {direction.replace('_', ' ')} | " + " | ".join(_fmt(retrieval[direction][k]) for k in ks) + " |")
@@ -117,6 +133,8 @@ def render(
             f"{retrieval['n_images']} images, {retrieval['n_texts']} captions. Text->image: every caption is a query; "
             "image->text: a hit when any of the image's captions is in the top K.",
             "",
+            merged_line(retrieval),
+            "",
             "\n".join(lines),
             "",
         ]
@@ -124,8 +142,8 @@ def render(
             parts.append(f"![image-caption similarity heatmap]({figures['heatmap']})\n")
         if "examples" in figures:
             parts.append(
-                "Captions searched in the FAISS index over the whole gallery; the caption's own image is "
-                f"framed in green, scores are cosine similarities.\n\n![text-to-image retrieval examples]({figures['examples']})\n"
+                "Captions searched in the FAISS index over the whole gallery; an image that carries the caption's exact "
+                f"string (or an identical copy of one) is framed in green, scores are cosine similarities.\n\n![text-to-image retrieval examples]({figures['examples']})\n"
             )
 
     verification = metrics.get("verification", {"skipped": "not evaluated"})

@@ -12,6 +12,7 @@ import pandas as pd
 
 from pipeline import io
 from pipeline.metrics.tasks import TaskResult
+from pipeline.prepared import Prepared
 from pipeline.reporting import figures
 from pipeline.retrieval.faiss_index import LoadedIndex
 from pipeline.training.curves import read_curves
@@ -41,14 +42,20 @@ class Figures:
             self.written[role] = self.prefix + filename
 
 
-def _retrieval_examples(retrieval: TaskResult, index: LoadedIndex, image_root: Path, n: int, k: int = 5):
-    """The first caption of n evenly spaced images, searched in the FAISS index as a user would."""
+def _retrieval_examples(retrieval: TaskResult, index: LoadedIndex, prepared: Prepared, n: int, k: int = 5):
+    """The first caption of n evenly spaced images, searched in the FAISS index as a user would.
+
+    A hit is correct by the metrics' rule: an image (of any split) that carries the caption's exact
+    string, or an identical copy of one (the same decoded pixels)."""
     texts, text_emb = retrieval.extras["texts"], retrieval.extras["text_emb"]
     first = texts.drop_duplicates("image_id")
     picks = first.index[np.linspace(0, len(first) - 1, num=min(n, len(first)), dtype=int)]
     hits = index.search(text_emb[picks], k)
+    content = prepared.images.set_index("image_id")["content_hash"]
+    carriers = prepared.captions[prepared.captions["caption"].isin(texts.loc[picks, "caption"])]
+    fitting = carriers.assign(content_hash=content[carriers["image_id"]].to_numpy()).groupby("caption")["content_hash"].agg(set)
     rows = [
-        [(image_root / h.path, float(h.score), h.image_id == texts.at[q, "image_id"]) for h in hit.itertuples()]
+        [(prepared.image_root / h.path, float(h.score), content.get(h.image_id) in fitting[texts.at[q, "caption"]]) for h in hit.itertuples()]
         for q, hit in zip(picks, hits)
     ]
     return texts.loc[picks, "caption"].tolist(), rows
@@ -58,9 +65,8 @@ def write(
     reports: Path,
     train_reports: Path,
     results: dict[str, TaskResult],
-    class_names: list[str],
+    prepared: Prepared,
     index: LoadedIndex,
-    image_root: Path,
     n_examples: int,
     probe_dir: Path | None = None,
 ) -> tuple[dict[str, str], dict[str, str]]:
@@ -72,7 +78,7 @@ def write(
         drawn = Figures(figure_dir)
         drawn.draw("training_curve", "training_curve.png", figures.training_curve, *read_curves(train_reports))
         if "skipped" not in zero_shot.metrics:
-            drawn.draw("confusion", "confusion.png", figures.confusion, zero_shot.extras["labels"], zero_shot.extras["predicted"], class_names)
+            drawn.draw("confusion", "confusion.png", figures.confusion, zero_shot.extras["labels"], zero_shot.extras["predicted"], prepared.class_names)
             pd.DataFrame(zero_shot.plots["zero_shot_predictions"]).to_csv(plot_dir / "zero_shot_predictions.csv", index=False)
             pd.DataFrame(zero_shot.plots["zero_shot_per_class"]).to_csv(plot_dir / "zero_shot_per_class.csv", index=False)
         if "skipped" not in retrieval.metrics:
@@ -86,7 +92,7 @@ def write(
                 extras["image_emb"][picks], extras["text_emb"][first_caption.to_numpy()], extras["images"]["image_id"].iloc[picks].tolist(),
             )  # fmt: skip
             if n_examples:
-                queries, hits = _retrieval_examples(retrieval, index, image_root, n_examples)
+                queries, hits = _retrieval_examples(retrieval, index, prepared, n_examples)
                 drawn.draw("examples", "retrieval_examples.png", figures.retrieval_examples, queries, hits)
             pd.DataFrame(retrieval.plots["recall_at_k"]).to_csv(plot_dir / "recall_at_k.csv", index=False)
         if "skipped" not in verification.metrics:

@@ -19,7 +19,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler
 from pipeline.distributed import RankShare, World, wrap_ddp
 from pipeline.prepared import Prepared
 from pipeline.metrics import tasks
-from pipeline.metrics.retrieval import recall_at_k
+from pipeline.metrics.retrieval import ContentMatches, recall_at_k
 from pipeline.models import LoadedModel
 from pipeline.models.encode import PreprocessedImages, autocast, encode_image_batches, encode_tokens
 from pipeline.params import RuntimeParams, TrainParams
@@ -79,16 +79,23 @@ class ImageCaptionPairs(Dataset):
 
 
 class Validation:
-    """Recall@1/5/10 both ways on the val split, plus their mean (the model-selection score).
+    """Recall@1/5/10 both ways on the val split, plus their mean (the model-selection score), by
+    the evaluate stage's rule: identical caption strings and identical images are one candidate.
 
     Made once per run: the val images are preprocessed once (kept in memory when they fit in
-    `image_cache_mb`) and the captions tokenised once, so each epoch's validation is forward passes."""
+    `image_cache_mb`) and the distinct caption strings tokenised once, so each epoch's validation is
+    forward passes."""
 
     def __init__(self, loaded: LoadedModel, prepared: Prepared, split: str = "val", batch_size: int = 256, image_cache_mb: float = 0.0):
         self.loaded, self.split, self.batch_size = loaded, split, batch_size
         self.images, captions = captions_by_image(prepared, split)
-        self.tokens = loaded.tokenizer([c for caps in captions for c in caps])  # once, not every epoch
-        self.text_image = np.repeat(np.arange(len(self.images)), [len(c) for c in captions])
+        flat = [c for caps in captions for c in caps]
+        text_image = np.repeat(np.arange(len(self.images)), [len(c) for c in captions])
+        # A candidate is its content, as in evaluate: class prompts shared by a class's images are one caption each.
+        self.matches = ContentMatches.build(text_image, flat, self.images["content_hash"])
+        # Each distinct string is tokenised once per run and encoded once per validation (in order
+        # of first appearance, as `text_content` numbers them); every caption row takes its string's.
+        self.tokens = loaded.tokenizer(list(pd.unique(pd.Series(flat, dtype=object))))
         self.pixels = PreprocessedImages(loaded, prepared.image_paths(self.images), batch_size, max_mb=image_cache_mb)
 
     @property
@@ -100,8 +107,8 @@ class Validation:
             return None
         self.loaded.model.eval()
         image_emb = encode_image_batches(self.loaded, self.pixels, desc=f"{self.split} images")
-        text_emb = encode_tokens(self.loaded, self.tokens, self.batch_size, desc=f"{self.split} texts")
-        recalls = recall_at_k(image_emb, text_emb, self.text_image, (1, 5, 10))
+        text_emb = encode_tokens(self.loaded, self.tokens, self.batch_size, desc=f"{self.split} texts")[self.matches.text_content]
+        recalls = recall_at_k(image_emb, text_emb, self.matches, (1, 5, 10))
         row = {f"{direction}_{k}": v for direction, ks in recalls.items() for k, v in ks.items()}
         row["mean_recall"] = float(np.mean(list(row.values())))
         # The image-only retrieval metrics the metric-learning methods log, so curves compare across methods.

@@ -73,5 +73,5 @@ def test_k_larger_than_the_gallery_is_refused(artifacts, tmp_path):
         [str(a) for a in ["--params", params, "--data", artifacts["data"], "--embeddings", artifacts["emb"], "--index", artifacts["index"],
                           "--probe", artifacts["probe"], "--train-reports", artifacts["reports"] / "train", "--reports", tmp_path / "reports"]],
     )  # fmt: skip
-    assert result.exit_code == 1 and "evaluate.recall_k: R@10 asked for, but the 'test' split has 8 images" in result.output
+    assert result.exit_code == 1 and "evaluate.recall_k: R@10 asked for, but the 'test' split has 8 distinct captioned images" in result.output
     assert not (tmp_path / "reports").exists()
