@@ -89,16 +89,17 @@ def check_probe_k(params: Params, images: pd.DataFrame) -> None:
 
 def check_recall_k(params: Params, prepared: "Prepared") -> None:
     """Recall at K >= the number of distinct candidates is 1 whatever the model: refuse it rather
-    than report it. Candidates are counted as the metric counts them: distinct images (content
-    hashes) of the split's captioned images, distinct caption strings."""
-    if prepared.captions is None:
-        return
+    than report it. Candidates are counted as the metric counts them (`tasks.captioned_split`):
+    distinct images of the split's captioned images, distinct caption strings."""
+    from pipeline.metrics.tasks import captioned_split  # here: prepare imports this module without the metrics
+
     split = params.evaluate.split
-    captions = prepared.captions[prepared.captions["split"] == split]
-    images = prepared.images[(prepared.images["split"] == split) & prepared.images["image_id"].isin(captions["image_id"])]
+    captioned = None if prepared.captions is None else captioned_split(prepared.images, prepared.captions, split)
+    if captioned is None:
+        return
     largest = max(params.evaluate.recall_k)
-    for n, what in ((images["content_hash"].nunique(), "distinct captioned images"), (captions["caption"].nunique(), "distinct captions")):
-        if n and largest >= n:
+    for n, what in ((captioned.matches.n_distinct_images, "distinct captioned images"), (captioned.matches.n_distinct_texts, "distinct captions")):
+        if largest >= n:
             raise ParamsError(
                 f"evaluate.recall_k: R@{largest} asked for, but the '{split}' split has {n} {what}, "
                 f"so recall at {n} or more is 1 whatever the model; use values below {n}"
