@@ -33,6 +33,7 @@ def main(
     params = everything.evaluate
     prepared = load_prepared(data)
     preflight.check_against_data(everything, prepared)
+    tasks.check_recall_k(params.recall_k, params.split, prepared.images, prepared.captions)
     images, image_emb = io.read_embeddings(embeddings / "images")
     texts, text_emb = io.read_embeddings(embeddings / "texts") if (embeddings / "texts").exists() else (None, None)
     # Shards carry ids only; the content hashes and caption strings are in the prepared tables.

@@ -87,26 +87,8 @@ def check_probe_k(params: Params, images: pd.DataFrame) -> None:
         )
 
 
-def check_recall_k(params: Params, prepared: "Prepared") -> None:
-    """Recall at K >= the number of distinct candidates is 1 whatever the model: refuse it rather
-    than report it. Candidates are counted as the metric counts them (`tasks.captioned_split`):
-    distinct images of the split's captioned images, distinct caption strings."""
-    from pipeline.metrics.tasks import captioned_split  # here: prepare imports this module without the metrics
-
-    split = params.evaluate.split
-    captioned = None if prepared.captions is None else captioned_split(prepared.images, prepared.captions, split)
-    if captioned is None:
-        return
-    largest = max(params.evaluate.recall_k)
-    for n, what in ((captioned.matches.n_distinct_images, "distinct captioned images"), (captioned.matches.n_distinct_texts, "distinct captions")):
-        if largest >= n:
-            raise ParamsError(
-                f"evaluate.recall_k: R@{largest} asked for, but the '{split}' split has {n} {what}, "
-                f"so recall at {n} or more is 1 whatever the model; use values below {n}"
-            )
-
-
 def check_against_data(params: Params, prepared: "Prepared") -> None:
-    """The checks that need the prepared tables (every stage after `prepare` has them)."""
+    """The checks that need the prepared tables (every stage after `prepare` has them). The
+    recall_k check needs the metrics' candidate counting and lives with it
+    (`metrics.tasks.check_recall_k`), so stages that never score retrieval do not depend on it."""
     check_probe_k(params, prepared.images)
-    check_recall_k(params, prepared)

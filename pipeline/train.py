@@ -11,6 +11,7 @@ import typer
 
 from pipeline import distributed, io, models, preflight
 from pipeline import params as params_lib
+from pipeline.metrics import tasks
 from pipeline.prepared import load_prepared
 from pipeline.stage import DATA_OPTION, PARAMS_OPTION, load_params, stage_app, timing_option, write_timing
 from pipeline.training.checkpoints import Resume, TrainResult
@@ -50,6 +51,7 @@ def main(
     params = load_params(params_file)
     prepared = load_prepared(data)
     preflight.check_against_data(params, prepared)
+    tasks.check_recall_k(params.evaluate.recall_k, params.evaluate.split, prepared.images, prepared.captions)
     world = distributed.init(params.runtime.device)  # one process, or one of a torchrun launch
     seed_everything(params.train.seed)  # the initial weights of an untrained model depend on it
     loaded = models.create_model(params.model.name, params.model.pretrained, distributed.rank_device(params.runtime.device, world))

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import pandas as pd
 
+from pipeline.errors import ParamsError
 from pipeline.metrics import tasks
 
 
@@ -97,3 +98,22 @@ def test_metric_learning_scores_a_clustered_split():
     images = _images(["test"] * 4, [0, 0, 1, 1])
     emb = np.array([[1, 0], [0.9, 0.1], [0, 1], [0.1, 0.9]], dtype=np.float32)
     assert tasks.metric_learning(images, emb, "test").metrics == {"precision_at_1": 1.0, "r_precision": 1.0, "map_at_r": 1.0, "n_queries": 4}
+
+
+def test_recall_k_at_or_above_the_distinct_candidates_is_refused_before_scoring():
+    """Four test images, two of them pixel-identical (one candidate), and five captions of which
+    two pairs are the same string: 3 distinct images, 3 distinct captions. R@3 is 1 for any model."""
+    images = _images(["test"] * 4 + ["train"], [None] * 5).assign(content_hash=["a", "b", "c", "c", "d"])
+    captions = pd.DataFrame({
+        "caption_id": [f"c{n}" for n in range(6)],
+        "image_id": ["i0", "i1", "i2", "i3", "i3", "i4"],
+        "caption": ["red", "blue", "green", "green", "red", "train only"],
+    })  # fmt: skip
+    tasks.check_recall_k([1, 2], "test", images, captions)
+    with pytest.raises(ParamsError, match=r"evaluate.recall_k: R@3 .* 'test' split has 3 distinct captioned images"):
+        tasks.check_recall_k([1, 3], "test", images, captions)
+    four_images = images.assign(content_hash=["a", "b", "c", "e", "d"])
+    with pytest.raises(ParamsError, match=r"R@3 .* 3 distinct captions"):
+        tasks.check_recall_k([3], "test", four_images, captions)
+    tasks.check_recall_k([3], "test", four_images, captions.assign(caption=["red", "blue", "green", "teal", "red", "x"]))
+    tasks.check_recall_k([100], "test", images, None)  # no captions: nothing to refuse

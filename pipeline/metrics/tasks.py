@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from pipeline.errors import ParamsError
 from pipeline.metrics import verification as verification_metrics
 from pipeline.metrics.classification import chance_top1, predicted_classes, scores_among_present_classes, top_k_accuracy
 from pipeline.metrics.metric_learning import accuracy_at_r, self_excluded_neighbours
@@ -87,6 +88,23 @@ def captioned_split(images: pd.DataFrame, texts: pd.DataFrame, split: str | None
     row_of_image = pd.Series(np.arange(len(kept)), index=kept["image_id"].to_numpy())
     matches = ContentMatches.build(row_of_image[split_texts["image_id"]].to_numpy(), split_texts["caption"], kept["content_hash"])
     return CaptionedSplit(kept, image_rows, split_texts, text_rows, matches)
+
+
+def check_recall_k(recall_k: list[int], split: str, images: pd.DataFrame, texts: pd.DataFrame | None) -> None:
+    """Recall at K >= the number of distinct candidates is 1 whatever the model: refuse it rather
+    than report it. Candidates are counted as the metric counts them (`captioned_split`):
+    distinct images of the split's captioned images, distinct caption strings. Train calls it too,
+    so a bad value is refused before the training it would otherwise wait for."""
+    captioned = None if texts is None else captioned_split(images, texts, split)
+    if captioned is None:
+        return
+    largest = max(recall_k)
+    for n, what in ((captioned.matches.n_distinct_images, "distinct captioned images"), (captioned.matches.n_distinct_texts, "distinct captions")):
+        if largest >= n:
+            raise ParamsError(
+                f"evaluate.recall_k: R@{largest} asked for, but the '{split}' split has {n} {what}, "
+                f"so recall at {n} or more is 1 whatever the model; use values below {n}"
+            )
 
 
 def cross_modal_retrieval(
