@@ -103,8 +103,10 @@ def main(
         timing, {"train_s": train_s, "epoch_s": epoch_s, "device": str(loaded.device), "num_workers": params.runtime.num_workers, "processes": world.size}
     )  # fmt: skip
     best = f", best epoch {info['best_epoch']}" if "best_epoch" in info else ""
-    score = next((k for k in ("mean_recall", "map_at_r") if val_rows and k in val_rows[-1]), None)
-    final = f", val {score} {val_rows[-1][score]:.3f}" if score else ""
+    # The score of the checkpoint kept (best.pt), not of the last epoch; none: its one validation.
+    kept = next((row for row in val_rows if row["epoch"] == info.get("best_epoch", val_rows[-1]["epoch"] if val_rows else None)), None)
+    score = next((k for k in ("mean_recall", "map_at_r") if kept and k in kept), None)
+    final = f", val {score} {kept[score]:.3f}" if score else ""
     typer.echo(f"train {params.train.method}: {params.model.name}/{params.model.pretrained}{best}{final} in {train_s:.0f}s -> {out}")
     distributed.finish(world)
 
