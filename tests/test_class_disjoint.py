@@ -5,7 +5,7 @@ from conftest import run_pipeline
 from pipeline import io
 
 DISJOINT = {
-    "data": {"split_by": "class", "synthetic": {"n_classes": 6, "images_per_class": 8, "extra_test_per_class": 0}, "splits": {"train": 0.5, "val": 0.17, "test": 0.33}},
+    "data": {"split_by": "class", "synthetic": {"n_classes": 6, "images_per_class": 8, "extra_test_per_class": 0}, "splits": {"train": 0.34, "val": 0.33, "test": 0.33}},
     "train": {"method": "none"},
     "index": {"factory": "Flat", "search_params": ""},
     "probe": {"k": 3},

@@ -164,3 +164,26 @@ def test_prepared_tables_without_content_hashes_are_refused(tmp_path):
     images.drop(columns="content_hash").to_parquet(out / "images.parquet", index=False)
     with pytest.raises(DatasetError, match=r"prepared/images.parquet: no content_hash for every image .* rerun `dvc repro prepare`"):
         load_prepared(out)
+
+
+def test_a_class_split_leaving_a_split_with_one_class_stops_before_any_image_is_decoded(tmp_path):
+    """10 identities with the default 0.8/0.1/0.1 leave val and test one class each: nothing could
+    be validated or scored. The error gives the counts and a split that works, before decoding
+    (the corrupt file would otherwise be the error)."""
+    root = tmp_path / "ids"
+    for c in range(10):
+        for i in range(2):
+            write_image(root / f"id{c}" / f"{i}.png", 20 * c + i)
+    (root / "id3" / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(DatasetError, match=r"data.splits: split_by=class puts the 10 classes into train 8, val 1, test 1; val and test need at least 2 classes each \(e.g. data.splits \{train: 0.60, val: 0.20, test: 0.20\}\)"):
+        prepare_dataset(DataParams(source="folder", root=str(root), split_by="class"), tmp_path / "out")
+    (root / "id3" / "broken.png").unlink()
+    prepare_dataset(DataParams(source="folder", root=str(root), split_by="class", splits={"train": 0.6, "val": 0.2, "test": 0.2}), tmp_path / "out")
+    images = load_prepared(tmp_path / "out").images
+    assert images.groupby("split")["label"].nunique().to_dict() == {"test": 2, "train": 6, "val": 2}
+    with pytest.raises(DatasetError, match=r"test needs at least 2 classes \(e.g. data.splits \{train: 0.80, val: 0.00, test: 0.20\}\)"):
+        prepare_dataset(DataParams(source="folder", root=str(root), split_by="class", splits={"train": 0.9, "val": 0.0, "test": 0.1}), tmp_path / "out")
+    for c in range(4, 10):
+        shutil.rmtree(root / f"id{c}")
+    with pytest.raises(DatasetError, match=r"4 classes cannot give train and val and test 2 classes each; use data.split_by=image"):
+        prepare_dataset(DataParams(source="folder", root=str(root), split_by="class", splits={"train": 0.5, "val": 0.25, "test": 0.25}), tmp_path / "out")

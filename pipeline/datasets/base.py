@@ -13,6 +13,7 @@ in batches or generate them), and returns tables that follow the data contract:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Optional
@@ -162,8 +163,35 @@ def class_disjoint_splits(labels: Iterable[int], ratios: SplitRatios, seed: int)
     """Split whole classes by ratio, so no class (identity) is in two splits."""
     labels = np.asarray(list(labels))
     classes = np.unique(labels)
-    class_split = dict(zip(classes, assign_splits(len(classes), ratios, np.random.default_rng(seed))))
+    assigned = assign_splits(len(classes), ratios, np.random.default_rng(seed))
+    check_class_split(assigned, ratios)
+    class_split = dict(zip(classes, assigned))
     return np.array([class_split[label] for label in labels], dtype=object)
+
+
+MIN_CLASSES_PER_SPLIT = 2  # verification needs a different-class pair; MAP@R, zero-shot and validation a choice
+
+
+def check_class_split(assigned: np.ndarray, ratios: SplitRatios) -> None:
+    """Refuse a class split that leaves a split given a share with fewer than 2 classes: nothing
+    could be validated or scored there, and training would run to the end before saying so."""
+    counts = {name: int((assigned == name).sum()) for name in ("train", "val", "test")}
+    short = [name for name, count in counts.items() if getattr(ratios, name) > 0 and count < MIN_CLASSES_PER_SPLIT]
+    if not short:
+        return
+    n = len(assigned)
+    got = ", ".join(f"{name} {count}" for name, count in counts.items())
+    shared = [name for name in ("val", "test") if getattr(ratios, name) > 0]
+    if n < MIN_CLASSES_PER_SPLIT * (1 + len(shared)):
+        fix = f"{n} classes cannot give train{''.join(' and ' + name for name in shared)} {MIN_CLASSES_PER_SPLIT} classes each; use data.split_by=image"
+    else:
+        share = math.ceil(100 * MIN_CLASSES_PER_SPLIT / n) / 100  # rounds back to at least 2 classes
+        proposal = {name: share if name in shared else 0.0 for name in ("val", "test")}
+        fix = f"e.g. data.splits {{train: {1 - sum(proposal.values()):.2f}, val: {proposal['val']:.2f}, test: {proposal['test']:.2f}}}"
+    raise DatasetError(
+        f"data.splits: split_by=class puts the {n} classes into {got}; {' and '.join(short)} {'needs' if len(short) == 1 else 'need'} at least "
+        f"{MIN_CLASSES_PER_SPLIT} classes{' each' if len(short) > 1 else ''} ({fix})"
+    )
 
 
 def split_images(labels: Iterable[int], params: DataParams) -> np.ndarray:
