@@ -222,7 +222,7 @@ def verify(
     threshold: Optional[float] = typer.Option(None, min=0.0, help="distance threshold, >= 0 (default: the one evaluate chose)"),
     as_json: bool = JSON_OPTION,
 ) -> None:
-    """Are two images the same class / identity? Prints same or different, the distance and a confidence."""
+    """Are two images the same class / identity? Prints same or different, the distance, the threshold and P(same)."""
     if pairs is None and (image1 is None or image2 is None):
         raise PredictError("give two images, or --pairs pairs.csv")
     predictor = ctx.obj.predictor()
@@ -255,12 +255,11 @@ def verify(
         **source,
         "same": verdict.same,  # distance <= threshold
         "decision": "same" if verdict.same else "different",
-        "confidence": verdict.confidence,
+        # Calibrated on the threshold split's pairs (metrics.json verification.calibration); None without a fit.
+        "p_same": verdict.p_same,
     }
-    line = (
-        f"{document['decision']}  distance {verdict.distance:.4f}  "
-        f"threshold {verdict.threshold:.4f}  confidence {verdict.confidence:.2f}"
-    )
+    p_same = "p(same) unknown (the metrics file has no calibration; rerun evaluate)" if verdict.p_same is None else f"p(same) {verdict.p_same:.2f}"
+    line = f"{document['decision']}  distance {verdict.distance:.4f}  threshold {verdict.threshold:.4f}  {p_same}"
     _emit(as_json, document, notes=[line])  # one line says it better than a one-row table
 
 

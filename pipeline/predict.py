@@ -26,7 +26,7 @@ from pipeline import io
 from pipeline.datasets.base import DEFAULT_TEMPLATES, DatasetError
 from pipeline.errors import PredictError  # noqa: F401 (callers import it from here too)
 from pipeline.metrics.classification import zero_shot_scores
-from pipeline.metrics.verification import pair_distances
+from pipeline.metrics.verification import pair_distances, same_probability
 from pipeline.models import LoadedModel, load_trained
 from pipeline.models.encode import encode_class_prompts, encode_images, encode_texts
 from pipeline.retrieval import faiss_index
@@ -41,9 +41,10 @@ class Verdict:
     same: bool
     distance: float
     threshold: float
-    # Margin-based, in [0.5, 1]: how far the distance sits from the threshold relative to the
-    # typical distance of its side on the threshold split. Not a calibrated probability.
-    confidence: float
+    # P(same | distance), the logistic fit evaluate made on the threshold split's pairs
+    # (metrics.json verification.calibration, with its calibration error on the test pairs);
+    # None when the metrics file has no fit.
+    p_same: Optional[float]
 
 
 @dataclass
@@ -108,18 +109,20 @@ class Predictor:
             raise PredictError(f"no verification threshold to use ({why}); pass --threshold")
         return float(self.verification["threshold"])
 
-    def _confidence(self, distance: float, threshold: float, same: bool) -> float:
-        typical = self.verification.get("mean_same_distance" if same else "mean_different_distance")
-        if typical is None or abs(typical - threshold) < 1e-9:
-            return 0.5
-        return 0.5 + 0.5 * min(1.0, abs(distance - threshold) / abs(typical - threshold))
+    def p_same(self, distances: np.ndarray) -> np.ndarray:
+        """P(same | distance) from evaluate's fit; NaN where the metrics file has none."""
+        calibration = self.verification.get("calibration")
+        if calibration is None:
+            return np.full(len(distances), np.nan)
+        return same_probability(distances, calibration)
 
     def verify(self, image1: str | Path, image2: str | Path, threshold: Optional[float] = None) -> Verdict:
         row = self.verify_pairs(pd.DataFrame({"image1": [str(image1)], "image2": [str(image2)]}), threshold).iloc[0]
-        return Verdict(bool(row["same"]), float(row["distance"]), float(row["threshold"]), float(row["confidence"]))
+        p_same = None if np.isnan(row["p_same"]) else float(row["p_same"])
+        return Verdict(bool(row["same"]), float(row["distance"]), float(row["threshold"]), p_same)
 
     def verify_pairs(self, pairs: pd.DataFrame, threshold: Optional[float] = None) -> pd.DataFrame:
-        """`pairs` has columns image1, image2; returns them with same, distance, threshold, confidence."""
+        """`pairs` has columns image1, image2; returns them with distance, same, threshold, p_same."""
         missing = {"image1", "image2"} - set(pairs.columns)
         if missing:
             raise PredictError(f"pairs need columns image1 and image2; missing {sorted(missing)}")
@@ -133,7 +136,7 @@ class Predictor:
         out["distance"] = pair_distances(self.embed(paths), first, second)
         out["same"] = out["distance"] <= t
         out["threshold"] = t
-        out["confidence"] = [self._confidence(d, t, s) for d, s in zip(out["distance"], out["same"])]
+        out["p_same"] = self.p_same(out["distance"].to_numpy())
         return out
 
     def similar(self, image: str | Path, k: int = 5) -> pd.DataFrame:

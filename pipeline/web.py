@@ -120,10 +120,15 @@ class Page:
             raise gr.Error("upload two images to compare")
         verdict = self.predictor.verify(first, second)
         answer = "**Same class**" if verdict.same else "**Different classes**"
-        return (
-            f"{answer}: distance {verdict.distance:.4f} against the threshold {verdict.threshold:.4f} "
-            f"that evaluate chose (confidence {verdict.confidence:.2f}, a margin score, not a probability)."
-        )
+        calibration = self.predictor.verification.get("calibration")
+        if verdict.p_same is None or calibration is None:
+            probability = "no probability: the metrics file has no calibration"
+        else:
+            probability = (
+                f"P(same) {verdict.p_same:.2f}, fitted on the `{calibration['fitted_on']}` pairs; "
+                f"expected calibration error {calibration['ece']:.3f} on the test pairs"
+            )
+        return f"{answer}: distance {verdict.distance:.4f} against the threshold {verdict.threshold:.4f} that evaluate chose ({probability})."
 
     def add(self, files: Optional[list[str]]) -> str:
         if not files:

@@ -1,6 +1,7 @@
 """`clipline verify` / `clipline similar` / `clipline info` and the Predictor API on a tiny artifact set."""
 
 import json
+import math
 
 import pandas as pd
 import pytest
@@ -21,16 +22,19 @@ def test_verify_two_images_uses_the_threshold_evaluate_chose(artifacts):
     a, b = artifacts["images"][0], artifacts["images"][-1]
     chosen = Predictor.from_artifacts(artifacts["model"], artifacts["index"], artifacts["data"], artifacts["reports"] / "metrics.json")
     answer = _json([*_where(artifacts), "verify", a, b])
-    assert set(answer) == {"image1", "image2", "distance", "similarity", "threshold", "threshold_source", "metrics", "same", "decision", "confidence"}
+    assert set(answer) == {"image1", "image2", "distance", "similarity", "threshold", "threshold_source", "metrics", "same", "decision", "p_same"}
     assert (answer["image1"], answer["image2"]) == (str(a), str(b))
     assert answer["threshold"] == pytest.approx(chosen.threshold()) and answer["threshold_source"] == "evaluate"
     assert answer["metrics"] == str(artifacts["reports"] / "metrics.json")
     # The decision is the distance against the threshold; the similarity is the same measure as a cosine.
     assert answer["same"] == (answer["distance"] <= answer["threshold"]) and answer["decision"] == ("same" if answer["same"] else "different")
-    assert answer["similarity"] == pytest.approx(1 - answer["distance"] ** 2 / 2) and 0.5 <= answer["confidence"] <= 1
+    assert answer["similarity"] == pytest.approx(1 - answer["distance"] ** 2 / 2)
+    # P(same) is evaluate's logistic fit on the val pairs, applied to this distance.
+    fit = chosen.verification["calibration"]
+    assert answer["p_same"] == pytest.approx(1 / (1 + math.exp(-(fit["intercept"] + fit["coef"] * answer["distance"]))))
     # The line for people says the same.
     out = _invoke(cli.app, [*_where(artifacts), "verify", a, b])
-    assert out == f"{answer['decision']}  distance {answer['distance']:.4f}  threshold {answer['threshold']:.4f}  confidence {answer['confidence']:.2f}\n"
+    assert out == f"{answer['decision']}  distance {answer['distance']:.4f}  threshold {answer['threshold']:.4f}  p(same) {answer['p_same']:.2f}\n"
 
     itself = _json([*_where(artifacts), "verify", a, a])
     assert itself["decision"] == "same" and itself["same"] is True and itself["distance"] == pytest.approx(0, abs=1e-5)
@@ -46,9 +50,9 @@ def test_verify_pairs_file_writes_csv(artifacts, tmp_path):
     out_csv = tmp_path / "results.csv"
     assert "pairs same" in _invoke(cli.app, [*_where(artifacts), "verify", "--pairs", pairs, "--out", out_csv])
     results = pd.read_csv(out_csv)
-    assert list(results.columns) == ["image1", "image2", "distance", "same", "threshold", "confidence"]
+    assert list(results.columns) == ["image1", "image2", "distance", "same", "threshold", "p_same"]
     assert bool(results.at[0, "same"]) and results.at[0, "distance"] == pytest.approx(0, abs=1e-5)
-    assert results["confidence"].between(0.5, 1.0).all()
+    assert results["p_same"].between(0.0, 1.0).all()
     # --json: the rows themselves, or with --out the file written and the counts.
     answer = _json([*_where(artifacts), "verify", "--pairs", pairs])
     assert answer["n_pairs"] == 2 and answer["n_same"] == int(results["same"].sum()) and answer["out"] is None

@@ -99,7 +99,7 @@ def test_repro_writes_metrics_plots_and_report(project):
     assert "## Retrieval" in report and "figures/retrieval_examples.png" in report
     assert markdown.merged_line(retrieval) in report  # what counting by content merged, if anything
     assert "## Methods compared" in report and "| siamese |" in report
-    assert set(metrics["verification"]) >= {"threshold", "accuracy", "precision", "recall", "f1", "roc_auc", "eer", "n_pairs"}
+    assert set(metrics["verification"]) >= {"threshold", "accuracy", "precision", "recall", "f1", "roc_auc", "eer", "n_pairs", "calibration"}
     assert set(metrics["metric_learning"]) >= {"precision_at_1", "r_precision", "map_at_r"}
     for figure in ("training_curve", "similarity_heatmap", "retrieval_examples", "confusion", "verification_distances", "verification_roc"):
         assert (project / f"reports/figures/{figure}.png").stat().st_size > 1000

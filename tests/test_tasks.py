@@ -85,6 +85,10 @@ def test_verification_threshold_comes_from_val_and_is_applied_unchanged_to_test(
     assert m["n_pairs"] == 6 and m["accuracy"] == pytest.approx(4 / 6)
     assert m["confusion"] == {"tn": 4, "fp": 0, "fn": 2, "tp": 0}
     assert m["roc_auc"] == 1.0  # the ranking is perfect; only the transferred threshold is off
+    # P(same) is fitted on the val pairs too: separable there, the fit stays finite and falls with distance.
+    calibration = m["calibration"]
+    assert calibration["fitted_on"] == "val" and calibration["coef"] < 0 and np.isfinite([calibration["intercept"], calibration["coef"]]).all()
+    assert 0 <= calibration["ece"] <= 1 and 0 <= calibration["brier"] <= 1 and calibration["n_bins"] == 10
 
 
 def test_verification_and_metric_learning_skip_without_pairs():

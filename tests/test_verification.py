@@ -5,6 +5,7 @@ from itertools import combinations
 import numpy as np
 import pytest
 
+from pipeline.metrics import verification
 from pipeline.metrics.verification import (
     choose_threshold,
     make_pairs,
@@ -152,3 +153,32 @@ def test_verification_figures_are_written(tmp_path):
     figures.roc_curve_plot(roc["fpr"], roc["tpr"], m["roc_auc"], m["eer"], tmp_path / "roc.png")
     figures.verification_confusion(m["confusion"], tmp_path / "confusion.png")
     assert all((tmp_path / name).stat().st_size > 0 for name in ("distances.png", "roc.png", "confusion.png"))
+
+
+def test_the_same_probability_recovers_a_known_logistic_law_and_is_calibrated_on_fresh_pairs():
+    """Pairs whose true P(same | d) is sigmoid(4 - 4d): the fit finds it, and its probabilities on
+    pairs drawn afresh from the same law have a small calibration error, where a probability that
+    says 1.0 for every "same" call (what a margin score near the threshold amounts to) does not."""
+    rng = np.random.default_rng(0)
+
+    def draw(n):
+        d = rng.uniform(0.0, 2.0, n)
+        return d, rng.random(n) < 1 / (1 + np.exp(-(4 - 4 * d)))
+
+    d, same = draw(20_000)
+    fit = verification.fit_same_probability(d, same)
+    assert fit["intercept"] == pytest.approx(4, abs=0.2) and fit["coef"] == pytest.approx(-4, abs=0.2)
+    fresh_d, fresh_same = draw(20_000)
+    calibrated = verification.calibration_metrics(verification.same_probability(fresh_d, fit), fresh_same)
+    overconfident = verification.calibration_metrics((fresh_d <= 1.0).astype(float), fresh_same)
+    assert calibrated["ece"] < 0.02 < 0.1 < overconfident["ece"]
+    assert calibrated["brier"] < overconfident["brier"]
+
+
+def test_calibration_error_by_hand():
+    # Bin 0: p 0.05 twice, one of the two pairs same (0.5); bin 9: p 0.95 twice, both same.
+    # ECE = (2/4)|0.5 - 0.05| + (2/4)|1.0 - 0.95| = 0.25; Brier = (0.05^2 + 0.95^2 + 2 * 0.05^2) / 4.
+    metrics = verification.calibration_metrics(np.array([0.05, 0.05, 0.95, 0.95]), np.array([False, True, True, True]))
+    assert metrics["ece"] == pytest.approx(0.25) and metrics["brier"] == pytest.approx((3 * 0.05**2 + 0.95**2) / 4)
+    with pytest.raises(ValueError, match="needs both same-class and different-class pairs"):
+        verification.fit_same_probability(np.array([0.1, 0.2]), np.array([True, True]))

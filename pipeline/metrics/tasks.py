@@ -162,9 +162,15 @@ def verification(
     scored_d, scored_same = distances(scored_on, scored_labels)
     metrics = verification_metrics.verification_metrics(scored_d, scored_same, threshold)
     metrics["threshold_split"] = threshold_split
-    # Typical distances on the threshold split, for the confidence `clipline verify` reports.
-    metrics["mean_same_distance"] = float(chosen_d[chosen_same.astype(bool)].mean())
-    metrics["mean_different_distance"] = float(chosen_d[~chosen_same.astype(bool)].mean())
+    # P(same | distance) for `clipline verify`, fitted where the threshold was chosen and judged on
+    # `split`'s pairs: the calibration error says how far its probabilities can be taken at their word.
+    calibration = verification_metrics.fit_same_probability(chosen_d, chosen_same)
+    probabilities = verification_metrics.same_probability(scored_d, calibration)
+    metrics["calibration"] = {
+        **calibration,
+        "fitted_on": threshold_split,
+        **verification_metrics.calibration_metrics(probabilities, scored_same),
+    }
     roc = verification_metrics.roc_points(scored_d, scored_same)
     return TaskResult(metrics, extras={"distances": scored_d, "same": scored_same, "roc": roc})
 

@@ -209,3 +209,44 @@ def roc_points(distances: np.ndarray, same: np.ndarray) -> dict[str, list[float]
     distances, same = _checked(distances, same)
     fpr, tpr, _ = roc_curve(same, -distances)
     return {"fpr": fpr.tolist(), "tpr": tpr.tolist()}
+
+
+def fit_same_probability(distances: np.ndarray, same: np.ndarray) -> dict:
+    """P(same | distance) by logistic regression on the distance (Platt scaling), with
+    scikit-learn's default L2 penalty (C=1): over thousands of pairs it moves the fit by little, and
+    it keeps the fit finite when the pairs are separable. Fitted on the threshold split's pairs, where same and
+    different pairs come in the evaluation's proportion (`evaluate.pairs.negatives_per_positive`):
+    the probability is "same" among pairs drawn that way, not under another prior."""
+    from sklearn.linear_model import LogisticRegression
+
+    distances, same = _checked(distances, same)
+    if same.all() or not same.any():
+        raise ValueError("a probability of 'same' needs both same-class and different-class pairs to fit")
+    fit = LogisticRegression().fit(distances.reshape(-1, 1), same)
+    return {"intercept": float(fit.intercept_[0]), "coef": float(fit.coef_[0, 0])}
+
+
+def same_probability(distances: np.ndarray, calibration: dict) -> np.ndarray:
+    """The fitted P(same | distance): sigmoid(intercept + coef * distance)."""
+    from scipy.special import expit
+
+    return expit(calibration["intercept"] + calibration["coef"] * np.asarray(distances, dtype=np.float64))
+
+
+def calibration_metrics(probabilities: np.ndarray, same: np.ndarray, n_bins: int = 10) -> dict:
+    """How far predicted probabilities of "same" can be taken at their word, on pairs with known answers.
+
+    ece: expected calibration error. Pairs binned by predicted probability into `n_bins` equal-width
+    bins (as sklearn.calibration.calibration_curve bins them); the pair-weighted mean over bins of
+    |share of same pairs - mean predicted probability|. 0 is perfectly calibrated.
+    brier: sklearn's Brier score, the mean squared error of the probabilities (0 is best).
+    """
+    from sklearn.metrics import brier_score_loss
+
+    probabilities, same = np.asarray(probabilities, dtype=np.float64), np.asarray(same, dtype=bool)
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    bins = np.searchsorted(edges[1:-1], probabilities, side="right")
+    predicted = np.bincount(bins, weights=probabilities, minlength=n_bins)
+    observed = np.bincount(bins, weights=same.astype(np.float64), minlength=n_bins)
+    ece = float(np.abs(observed - predicted).sum() / len(probabilities))
+    return {"ece": ece, "brier": float(brier_score_loss(same, probabilities)), "n_bins": n_bins}

@@ -160,6 +160,10 @@ def render(
             f"The distance threshold was chosen on the `{verification['threshold_split']}` split (maximum accuracy) "
             f"and applied unchanged to `{data['split']}`. Pairs: same when distance <= threshold.",
             "",
+            f"`clipline verify`'s P(same | distance) is a logistic fit on the `{verification['calibration']['fitted_on']}` pairs; "
+            f"on the `{data['split']}` pairs its expected calibration error is {verification['calibration']['ece']:.3f} "
+            f"(Brier score {verification['calibration']['brier']:.3f}).",
+            "",
             "| actual \\ predicted | different | same |",
             "| --- | ---: | ---: |",
             f"| different | {c['tn']} | {c['fp']} |",
