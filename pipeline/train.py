@@ -18,7 +18,7 @@ from pipeline.training.checkpoints import Resume, TrainResult
 from pipeline.training.loop import STATE_VERSION
 from pipeline.training.clip import train_clip, validation_recall
 from pipeline.training.curves import LiveCurves
-from pipeline.training.metric import train_siamese, train_triplet
+from pipeline.training.metric import few_validation_classes, train_siamese, train_triplet
 from pipeline.training.optim import seed_everything
 
 TRAINERS = {"clip": train_clip, "siamese": train_siamese, "triplet": train_triplet}
@@ -60,6 +60,8 @@ def main(
             f"train clip: {prepared.info['source']} has no captions, so each image is paired with its class's "
             f"prompts ({len(prepared.templates)} templates x class name) as captions, as FLYP fine-tunes on class labels"
         )
+    if params.train.method in ("siamese", "triplet") and world.is_main and (warning := few_validation_classes(prepared)):
+        typer.echo(f"train {params.train.method}: warning: {warning}")
     info = {"method": params.train.method, "trained_on": prepared.info["source"]}
     curves = LiveCurves(reports) if world.is_main else None  # rank 0 logs the curves, as it writes everything
     if params.train.method == "none":

@@ -2,13 +2,17 @@
 
 import pytest
 import torch
+from pytorch_metric_learning import losses, reducers
 
 from pipeline import models
 from pipeline.datasets import prepare
 from pipeline.prepared import load_prepared
 from pipeline.models.heads import unfreeze_last_blocks
-from pipeline.params import DataParams, TrainParams
-from pipeline.training.metric import train_siamese, train_triplet
+from pipeline.params import DataParams, RuntimeParams, TrainParams
+from pipeline.distributed import World
+from pipeline.models.encode import encode_images
+from pipeline.training.loop import fit
+from pipeline.training.metric import TripletMethod, estimate_batchnorm_statistics, labelled_split, train_siamese, train_triplet
 
 
 @pytest.fixture(scope="module")
@@ -32,18 +36,26 @@ def _changed(before: dict, module: torch.nn.Module) -> set[str]:
     return {name for name, value in module.state_dict().items() if not torch.equal(before[name], value)}
 
 
-def test_triplet_stage_one_trains_only_the_head(prepared):
+def _tiny_with_batchnorm_statistics(prepared):
+    """The random tiny tower as triplet training starts it: batch-norm statistics estimated on the
+    training images (deterministic, so training's own estimate gives the same values)."""
     loaded = _tiny()
+    assert estimate_batchnorm_statistics(loaded, prepared, seed=0)
+    return loaded
+
+
+def test_triplet_stage_one_trains_only_the_head(prepared):
+    loaded = _tiny_with_batchnorm_statistics(prepared)
     before = {k: v.clone() for k, v in loaded.model.state_dict().items()}
     params = _params(method="triplet", epochs=2, triplet={"head_epochs": 2, "classes_per_batch": 2, "images_per_class": 2, "head_dim": 16})
     result = train_triplet(loaded, prepared, params)
-    assert not _changed(before, loaded.model), "the frozen tower (batch-norm statistics included) must not change"
+    assert not _changed(before, loaded.model), "the frozen tower (batch-norm statistics included) must not change while training"
     assert set(result.best) == {"model", "head", "epoch"} and result.best["head"]["proj.weight"].shape == (16, loaded.tower_dim)
     assert loaded.embed_dim == 16
 
 
 def test_triplet_stage_two_unfreezes_only_the_last_blocks(prepared):
-    loaded = _tiny()
+    loaded = _tiny_with_batchnorm_statistics(prepared)
     before = {k: v.clone() for k, v in loaded.model.state_dict().items()}
     params = _params(method="triplet", epochs=2, triplet={"head_epochs": 1, "unfreeze_blocks": 1, "classes_per_batch": 2, "images_per_class": 2})
     train_triplet(loaded, prepared, params)
@@ -99,3 +111,26 @@ def test_unfreezing_one_vit_block_means_the_last_transformer_block_and_the_proje
     assert modules[0] is visual.transformer.resblocks[2] and len(params) == len(trainable)
     with pytest.raises(ValueError, match="unfreeze_blocks: 4 > the tower's 3 blocks"):
         unfreeze_last_blocks(visual, 4)
+
+
+def _mean_triplet_loss(loaded, prepared, images, margin):
+    """Mean of relu(d(a,p) - d(a,n) + margin) over every triplet of `images`, the model as it embeds them."""
+    loaded.model.eval()
+    loaded.image_head.eval()
+    emb = torch.from_numpy(encode_images(loaded, prepared.image_paths(images)))
+    labels = torch.as_tensor(images["label"].to_numpy().astype("int64"))
+    return losses.TripletMarginLoss(margin=margin, reducer=reducers.MeanReducer())(emb, labels).item()
+
+
+def test_head_only_epochs_on_a_random_tower_reduce_the_triplet_loss_instead_of_sitting_at_the_margin(prepared):
+    """Four shapes, separable: the head alone, on the frozen random tower, must pull the loss well
+    below the margin. Frozen batch norm with the init's statistics collapsed every image to one
+    point, where every triplet costs exactly the margin whatever the head does."""
+    images = labelled_split(prepared, "train")
+    loaded = _tiny()
+    params = _params(method="triplet", epochs=4, lr=1e-2, triplet={"head_epochs": 4, "classes_per_batch": 4, "images_per_class": 4, "margin": 0.2})
+    method = TripletMethod(loaded, prepared, params, RuntimeParams(), World())
+    start = _mean_triplet_loss(loaded, prepared, images, 0.2)
+    fit(method, loaded, params)
+    end = _mean_triplet_loss(loaded, prepared, images, 0.2)
+    assert end < 0.5 * start and end < 0.1, (start, end)
