@@ -45,6 +45,10 @@ def test_handlers_search_classify_and_add(predictor, artifacts, tmp_path):
     page = web.Page(predictor, LIMITS)
     items = page.search_text("a red circle", 3)
     assert len(items) == 3 and all(Path(path).is_file() for path, _ in items) and items[0][1].startswith("#1 ")
+    # verify says P(same) from evaluate's fit, where it was fitted and how calibrated it is.
+    first, second = artifacts["images"][0], artifacts["images"][-1]
+    verdict, calibration = predictor.verify(first, second), predictor.verification["calibration"]
+    assert f"P(same) {verdict.p_same:.2f}, fitted on the `{calibration['fitted_on']}` pairs; expected calibration error {calibration['ece']:.3f}" in page.verify(str(first), str(second))
     probabilities = page.classify(str(artifacts["images"][0]), "", 3)
     assert list(probabilities) == list(predictor.classify(artifacts["images"][0], k=3)["label"])
     assert page.classify(str(artifacts["images"][0]), "circle, square", 5).keys() == {"circle", "square"}
