@@ -33,17 +33,22 @@ def test_sigkill_mid_write_never_leaves_a_partial_file(tmp_path):
                 io.write_parquet({str(target)!r}, frame)
     """
     rng = random.Random(0)
-    for _ in range(4):
+    kills, leftovers = 0, []
+    # Each writer removes the leftovers of the one killed before it, so only the last kill's can be
+    # seen; a kill can also land between two writes (the rename), so go on until the last left one.
+    while kills < 4 or not leftovers:
+        assert kills < 40, "40 kills and none landed while a temporary file was open"
         process = _spawn(writer)
         assert process.stdout.readline().strip() == "ready"
         time.sleep(rng.uniform(0.05, 0.6))
         process.send_signal(signal.SIGKILL)
         process.wait()
+        kills += 1
         table = pd.read_parquet(target)  # complete, whichever version it is
         assert len(table) == 2_000_000 and table["version"].nunique() == 1
-    leftovers = list(tmp_path.glob(".table.parquet.*.tmp"))
+        leftovers = list(tmp_path.glob(".table.parquet.*.tmp"))
     io.write_parquet(target, table)  # the next writer removes what killed writers left
-    assert leftovers and not list(tmp_path.glob(".table.parquet.*.tmp"))
+    assert not list(tmp_path.glob(".table.parquet.*.tmp"))
 
 
 def test_a_killed_stage_keeps_the_previous_output_and_the_rerun_completes(tmp_path):
