@@ -113,7 +113,8 @@ def pair_distances(embeddings: np.ndarray, i: np.ndarray, j: np.ndarray) -> np.n
     return out
 
 
-def _checked(distances, same) -> tuple[np.ndarray, np.ndarray]:
+def _checked(distances, same, both_kinds_for: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Matching finite 1-D arrays; with `both_kinds_for`, what needs same and different pairs both."""
     distances = np.asarray(distances, dtype=np.float64)
     same = np.asarray(same).astype(bool)
     if distances.ndim != 1 or distances.shape != same.shape:
@@ -122,6 +123,8 @@ def _checked(distances, same) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError("no pairs to evaluate")
     if not np.isfinite(distances).all():
         raise ValueError("distances contain NaN or inf (check the embeddings)")
+    if both_kinds_for and (same.all() or not same.any()):
+        raise ValueError(f"{both_kinds_for} needs both same-class and different-class pairs")
     return distances, same
 
 
@@ -180,9 +183,7 @@ def verification_metrics(distances: np.ndarray, same: np.ndarray, threshold: flo
     """Accuracy, precision/recall/F1 of "same", ROC AUC and EER at a fixed threshold; JSON-ready."""
     from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support, roc_auc_score, roc_curve
 
-    distances, same = _checked(distances, same)
-    if same.all() or not same.any():
-        raise ValueError("verification metrics need both same-class and different-class pairs")
+    distances, same = _checked(distances, same, both_kinds_for="computing verification metrics")
     predicted = distances <= threshold
     precision, recall, f1, _ = precision_recall_fscore_support(same, predicted, average="binary", zero_division=0)
     tn, fp, fn, tp = confusion_matrix(same, predicted, labels=[False, True]).ravel()
@@ -219,9 +220,7 @@ def fit_same_probability(distances: np.ndarray, same: np.ndarray) -> dict:
     the probability is "same" among pairs drawn that way, not under another prior."""
     from sklearn.linear_model import LogisticRegression
 
-    distances, same = _checked(distances, same)
-    if same.all() or not same.any():
-        raise ValueError("a probability of 'same' needs both same-class and different-class pairs to fit")
+    distances, same = _checked(distances, same, both_kinds_for="fitting a probability of 'same'")
     fit = LogisticRegression().fit(distances.reshape(-1, 1), same)
     return {"intercept": float(fit.intercept_[0]), "coef": float(fit.coef_[0, 0])}
 

@@ -29,8 +29,9 @@ from pipeline.training.optim import cosine_with_warmup
 from pipeline.training.progress import epoch_line
 
 # Part of the fingerprint a saved run state must match to be resumed (pipeline/train.py): bump when
-# the state's layout changes.
-STATE_VERSION = 2
+# the state's layout changes, or what a resumed run would continue from (3: a random tower's
+# batch-norm statistics are estimated before triplet training; older states hold the init's).
+STATE_VERSION = 3
 
 
 @dataclass
