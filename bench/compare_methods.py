@@ -1,15 +1,20 @@
-"""Train and evaluate several `train.method`s on one configuration as DVC experiments; write
+"""Train and evaluate several `train.method`s on class-disjoint datasets as DVC experiments; write
 reports/methods.json.
 
-Each method is one queued experiment (`dvc exp run --queue -S train.method=... -S ...`) run by
+Two datasets, both in the re-identification setting (test identities never appear in training):
+the generated shapes, and real handwritten digits (scikit-learn's bundled copy of the UCI digits,
+1,797 8x8 images of 10 digits; no download) written as class folders, dark strokes on white, 32x32,
+and read by the `folder` source, split 6/2/2 digits by class.
+
+Each (dataset, method) is one queued experiment (`dvc exp run --queue -S train.method=... -S ...`) run by
 `dvc exp run --run-all`, so it runs in DVC's own temporary workspace from the current commit plus
 the workspace's changes, the project's outputs are untouched, and every run stays in `dvc exp show`
-(named methods-<method>-<run id>; `dvc exp apply` brings one into the workspace). The metrics are
+(named methods-<dataset>-<method>-<run id>; `dvc exp apply` brings one into the workspace). The metrics are
 read back from `dvc exp show --json`. `evaluate` reads methods.json into the "Methods compared"
 table of reports/report.md; after running this, `dvc repro` refreshes the report (only evaluate reruns).
 
-    python bench/compare_methods.py                       # none, siamese, triplet on class-disjoint shapes (~10 min, 2 cores)
-    python bench/compare_methods.py --method clip --method triplet -S train.epochs=5
+    python bench/compare_methods.py                       # none, siamese, triplet on shapes and digits (~35 min, 2 cores)
+    python bench/compare_methods.py --dataset shapes --method clip --method triplet -S train.epochs=5
 
 Needs a git repository with a commit (DVC experiments are git refs).
 """
@@ -19,30 +24,37 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tempfile
 import time
 from datetime import date
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import typer
 
 ROOT = Path(__file__).resolve().parents[1]
-# Re-identification setting: test identities never appear in training.
-DEFAULT_OVERRIDES = [
-    "data.split_by=class",
-    "data.synthetic.n_classes=12",
-    "data.splits.train=0.5",
-    "data.splits.val=0.25",
-    "data.splits.test=0.25",
-    "index.factory=Flat",
-    "index.search_params=",
-    # Pinned so the comparison does not move when the default run's CLIP training length changes.
-    "train.epochs=30",
-    # The tiny model starts from random weights: its whole tower must learn, at the full rate.
-    "train.triplet.head_epochs=2",
-    "train.triplet.unfreeze_blocks=4",
-    "train.triplet.backbone_lr_scale=1.0",
-]
+# Every dataset is compared with exact search, so the index is not part of the comparison.
+EXACT_INDEX = ["index.factory=Flat", "index.search_params="]
+OVERRIDES = {
+    "shapes": [
+        "data.split_by=class",
+        "data.synthetic.n_classes=12",
+        "data.splits.train=0.5",
+        "data.splits.val=0.25",
+        "data.splits.test=0.25",
+        *EXACT_INDEX,
+        # Pinned so the comparison does not move when the default run's CLIP training length changes.
+        "train.epochs=30",
+        # The tiny model starts from random weights: its whole tower must learn, at the full rate.
+        "train.triplet.head_epochs=2",
+        "train.triplet.unfreeze_blocks=4",
+        "train.triplet.backbone_lr_scale=1.0",
+    ],
+    # The rest of params.yaml at its defaults, as a user would first try their own class folders;
+    # data.root is added when the folders are written.
+    "digits": ["data.source=folder", "data.split_by=class", "data.splits.train=0.6", "data.splits.val=0.2", "data.splits.test=0.2", *EXACT_INDEX],
+}
 KEYS = {
     "verification.accuracy": ("verification", "accuracy"),
     "verification.roc_auc": ("verification", "roc_auc"),
@@ -54,6 +66,19 @@ KEYS = {
 }
 
 
+def write_digits(root: Path) -> Path:
+    """scikit-learn's bundled handwritten digits as one folder per digit (dark strokes on white, 32x32)."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    for n, (pixels, label) in enumerate(zip(digits.images, digits.target)):
+        dark_on_white = 255 - (pixels / 16 * 255).astype(np.uint8)
+        (root / str(label)).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(dark_on_white).resize((32, 32), Image.NEAREST).convert("RGB").save(root / str(label) / f"{n:04d}.png")
+    return root
+
+
 def dvc(*args: str) -> str:
     result = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=ROOT, capture_output=True, text=True)
     if result.returncode != 0:
@@ -61,16 +86,17 @@ def dvc(*args: str) -> str:
     return result.stdout
 
 
-def queue(method: str, overrides: list[str], run_id: str) -> str:
-    name = f"methods-{method}-{run_id}"
+def queue(dataset: str, method: str, overrides: list[str], run_id: str) -> str:
+    name = f"methods-{dataset}-{method}-{run_id}"
     dvc("exp", "run", "--queue", "--name", name, *(arg for o in [*overrides, f"train.method={method}"] for arg in ("-S", o)))
     return name
 
 
-def experiment_metrics(names: list[str]) -> dict[str, dict]:
-    """Each named experiment's metrics files, as `dvc exp show --json` reports them."""
+def experiment_metrics(names: list[str], baseline: str) -> dict[str, dict]:
+    """Each named experiment's metrics files, as `dvc exp show --json` reports them; `baseline` is
+    the commit they were queued from (HEAD may have moved while they ran)."""
     found = {}
-    for commit in json.loads(dvc("exp", "show", "--json")):
+    for commit in json.loads(dvc("exp", "show", "--json", "--rev", baseline)):
         for experiment in commit.get("experiments") or []:
             if experiment.get("name") in names:
                 data = experiment["revs"][0]["data"]
@@ -82,9 +108,9 @@ def experiment_metrics(names: list[str]) -> dict[str, dict]:
     return found
 
 
-def row_of(method: str, metrics: dict[str, dict]) -> dict:
+def row_of(dataset: str, method: str, metrics: dict[str, dict]) -> dict:
     evaluated = metrics["reports/metrics.json"]
-    row = {"method": method}
+    row = {"dataset": dataset, "method": method}
     for name, (section, key) in KEYS.items():
         row[name] = evaluated.get(section, {}).get(key)
     # Seconds are not metrics: the train stage writes them beside its outputs.
@@ -93,32 +119,42 @@ def row_of(method: str, metrics: dict[str, dict]) -> dict:
 
 
 def main(
+    dataset: list[str] = typer.Option(list(OVERRIDES), help=f"datasets to compare on (repeat the option): {', '.join(OVERRIDES)}"),
     method: list[str] = typer.Option(["none", "siamese", "triplet"], help="methods to compare (repeat the option)"),
-    set_param: Optional[list[str]] = typer.Option(None, "--set-param", "-S", help="extra override KEY=VALUE, as for dvc exp run -S"),
+    set_param: Optional[list[str]] = typer.Option(None, "--set-param", "-S", help="extra override KEY=VALUE for every run, as for dvc exp run -S"),
     jobs: int = typer.Option(1, "--jobs", "-j", help="experiments run at once (dvc exp run --run-all --jobs)"),
     out: Path = typer.Option(ROOT / "reports/methods.json"),
 ) -> None:
-    overrides = DEFAULT_OVERRIDES + list(set_param or [])
+    unknown = sorted(set(dataset) - set(OVERRIDES))
+    if unknown:
+        raise typer.BadParameter(f"unknown {unknown}; choose from {list(OVERRIDES)}", param_hint="--dataset")
     run_id = time.strftime("%Y%m%d-%H%M%S")
-    names = {name: queue(name, overrides, run_id) for name in method}
-    typer.echo(f"queued {', '.join(names.values())}; running them (dvc exp run --run-all --jobs {jobs}) ...")
-    start = time.perf_counter()
-    dvc("exp", "run", "--run-all", "--jobs", str(jobs))
-    typer.echo(f"ran in {time.perf_counter() - start:.0f}s")
-    metrics = experiment_metrics(list(names.values()))
-    rows = [row_of(name, metrics[experiment]) for name, experiment in names.items()]
+    baseline = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+    with tempfile.TemporaryDirectory(prefix="compare-methods-") as tmp:
+        overrides = {name: OVERRIDES[name] + list(set_param or []) for name in dataset}
+        if "digits" in overrides:
+            # Outside the project: DVC runs each experiment in its own copy of the workspace.
+            overrides["digits"].append(f"data.root={write_digits(Path(tmp) / 'digits')}")
+        names = {(d, m): queue(d, m, overrides[d], run_id) for d in dataset for m in method}
+        typer.echo(f"queued {', '.join(names.values())}; running them (dvc exp run --run-all --jobs {jobs}) ...")
+        start = time.perf_counter()
+        dvc("exp", "run", "--run-all", "--jobs", str(jobs))
+        typer.echo(f"ran in {time.perf_counter() - start:.0f}s")
+    metrics = experiment_metrics(list(names.values()), baseline)
+    rows = [row_of(d, m, metrics[experiment]) for (d, m), experiment in names.items()]
     payload = {
         "generated_by": "python bench/compare_methods.py",
         "date": date.today().isoformat(),
-        "overrides": overrides,
+        # The digits' data.root is a temporary folder: the overrides say how it was made, not where.
+        "overrides": {name: [o for o in values if not o.startswith("data.root=")] for name, values in overrides.items()},
         "experiments": list(names.values()),
         "rows": rows,
     }
     out.write_text(json.dumps(payload, indent=2) + "\n")
     columns = [*KEYS, "timing.train_s"]
-    typer.echo(f"\n{'method':<10}" + "".join(f"{k.split('.')[-1]:>16}" for k in columns))
+    typer.echo(f"\n{'dataset':<8}{'method':<10}" + "".join(f"{k.split('.')[-1]:>16}" for k in columns))
     for row in rows:
-        typer.echo(f"{row['method']:<10}" + "".join(f"{row[k]:>16.4f}" if isinstance(row[k], float) else f"{str(row[k]):>16}" for k in columns))
+        typer.echo(f"{row['dataset']:<8}{row['method']:<10}" + "".join(f"{row[k]:>16.4f}" if isinstance(row[k], float) else f"{str(row[k]):>16}" for k in columns))
     typer.echo(f"-> {out}")
 
 

@@ -27,3 +27,20 @@ def test_skipped_task_is_explained_and_measured_ones_are_tabled():
     assert "![text-to-image retrieval examples](figures/retrieval_examples.png)" in report
     assert "| factory | IVF64,Flat |" in report and "| recall@10 | 0.9100 |" in report
     assert "## Training" not in report  # no curve was drawn
+
+
+def test_methods_table_shows_each_dataset_with_its_overrides():
+    methods = {
+        "generated_by": "python bench/compare_methods.py",
+        "date": "2026-01-01",
+        "overrides": {"shapes": ["data.split_by=class", "train.epochs=30"], "digits": ["data.source=folder"]},
+        "rows": [
+            {"dataset": "shapes", "method": "none", "metric_learning.map_at_r": 0.1},
+            {"dataset": "digits", "method": "triplet", "metric_learning.map_at_r": 0.65},
+        ],
+    }
+    table = markdown.methods_table(methods)
+    assert "- shapes: `data.split_by=class train.epochs=30`" in table and "- digits: `data.source=folder`" in table
+    assert "| dataset | method | metric_learning.map_at_r |" in table
+    assert "| shapes | none | 0.1000 |" in table and "| digits | triplet | 0.6500 |" in table
+    assert markdown.methods_table({"rows": []}) == ""

@@ -46,21 +46,24 @@ def probe_table(probe: dict, figures: dict[str, str]) -> str:
 
 
 def methods_table(methods: dict) -> str:
-    """The rows of reports/methods.json (bench/compare_methods.py) side by side."""
+    """The rows of reports/methods.json (bench/compare_methods.py) side by side, per dataset."""
     rows = methods.get("rows", [])
     if not rows:
         return ""
-    keys = [k for k in rows[0] if k != "method"]
+    keys = [k for k in rows[0] if k not in ("dataset", "method")]
+    overrides = methods.get("overrides", {})
     lines = [
         "## Methods compared",
         "",
         f"From `{methods.get('generated_by', 'bench/compare_methods.py')}` ({methods.get('date', '')}), each method trained and "
-        f"evaluated with these overrides of params.yaml: `{' '.join(methods.get('overrides', []))}`.",
+        "evaluated with these overrides of params.yaml:",
         "",
-        "| method | " + " | ".join(keys) + " |",
-        "| --- |" + " ---: |" * len(keys),
+        *(f"- {dataset}: `{' '.join(values)}`" for dataset, values in overrides.items()),
+        "",
+        "| dataset | method | " + " | ".join(keys) + " |",
+        "| --- | --- |" + " ---: |" * len(keys),
     ]
-    lines += [f"| {row['method']} | " + " | ".join(_fmt(row.get(k)) for k in keys) + " |" for row in rows]
+    lines += [f"| {row.get('dataset', '')} | {row['method']} | " + " | ".join(_fmt(row.get(k)) for k in keys) + " |" for row in rows]
     return "\n".join(lines) + "\n"
 
 
