@@ -1,5 +1,7 @@
 """report.md says why a section is missing, and shows what was measured."""
 
+import pytest
+
 from pipeline.reporting import markdown
 
 METRICS = {
@@ -44,3 +46,8 @@ def test_methods_table_shows_each_dataset_with_its_overrides():
     assert "| dataset | method | metric_learning.map_at_r |" in table
     assert "| shapes | none | 0.1000 |" in table and "| digits | triplet | 0.6500 |" in table
     assert markdown.methods_table({"rows": []}) == ""
+
+
+def test_methods_table_refuses_the_single_list_of_overrides_older_benches_wrote():
+    with pytest.raises(ValueError, match="methods.json: 'overrides' must map each dataset"):
+        markdown.methods_table({"overrides": ["data.split_by=class"], "rows": [{"method": "none", "metric_learning.map_at_r": 0.1}]})

@@ -52,6 +52,8 @@ def methods_table(methods: dict) -> str:
         return ""
     keys = [k for k in rows[0] if k not in ("dataset", "method")]
     overrides = methods.get("overrides", {})
+    if not isinstance(overrides, dict):
+        raise ValueError("methods.json: 'overrides' must map each dataset to its overrides (an older bench/compare_methods.py wrote one list); rerun it")
     lines = [
         "## Methods compared",
         "",
