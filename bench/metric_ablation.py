@@ -34,6 +34,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))  # compare_methods, also when this file is imported by path
 
 from pipeline import models  # noqa: E402
 from pipeline import params as params_lib  # noqa: E402
@@ -45,7 +46,7 @@ from pipeline.prepared import load_prepared  # noqa: E402
 from pipeline.training import metric  # noqa: E402
 from pipeline.training.optim import seed_everything  # noqa: E402
 
-from compare_methods import OVERRIDES, write_digits  # noqa: E402  (bench/ is the script's folder)
+from compare_methods import OVERRIDES, write_digits  # noqa: E402
 
 
 def fill_and_background(path) -> tuple[tuple, tuple]:
@@ -95,7 +96,8 @@ def score(prepared, params, emb: np.ndarray, dataset: str) -> dict:
 
 
 def raw_pixels(prepared) -> np.ndarray:
-    return np.stack([np.asarray(load_rgb(path), dtype=np.float32).reshape(-1) for path in prepared.image_paths(prepared.images)])
+    pixels = np.stack([np.asarray(load_rgb(path), dtype=np.float32).reshape(-1) for path in prepared.image_paths(prepared.images)])
+    return pixels / np.linalg.norm(pixels, axis=1, keepdims=True)  # as the towers' embeddings are
 
 
 def run(prepared, raw: dict, spec: str, dataset: str, batchnorm_estimate: bool) -> list[dict]:
