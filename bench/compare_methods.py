@@ -13,7 +13,7 @@ the workspace's changes, the project's outputs are untouched, and every run stay
 read back from `dvc exp show --json`. `evaluate` reads methods.json into the "Methods compared"
 table of reports/report.md; after running this, `dvc repro` refreshes the report (only evaluate reruns).
 
-    python bench/compare_methods.py                       # none, siamese, triplet on shapes and digits (~35 min, 2 cores)
+    python bench/compare_methods.py                       # none, siamese, triplet on shapes and digits (~20 min, 2 cores)
     python bench/compare_methods.py --dataset shapes --method clip --method triplet -S train.epochs=5
 
 Needs a git repository with a commit (DVC experiments are git refs).
