@@ -9,12 +9,13 @@ and read by the `folder` source, split 6/2/2 digits by class.
 Each (dataset, method) is one queued experiment (`dvc exp run --queue -S train.method=... -S ...`) run by
 `dvc exp run --run-all`, so it runs in DVC's own temporary workspace from the current commit plus
 the workspace's changes, the project's outputs are untouched, and every run stays in `dvc exp show`
-(named methods-<dataset>-<method>-<run id>; `dvc exp apply` brings one into the workspace). The metrics are
+(named methods-<dataset>[-seed<N>]-<method>-<run id>; `dvc exp apply` brings one into the workspace). The metrics are
 read back from `dvc exp show --json`. `evaluate` reads methods.json into the "Methods compared"
 table of reports/report.md; after running this, `dvc repro` refreshes the report (only evaluate reruns).
 
     python bench/compare_methods.py                       # none, siamese, triplet on shapes and digits (~20 min, 2 cores)
     python bench/compare_methods.py --dataset shapes --method clip --method triplet -S train.epochs=5
+    python bench/compare_methods.py --dataset shapes --data-seed 0 --data-seed 1 --data-seed 2 --out reports/bench/methods_shapes_seeds.json
 
 Needs a git repository with a commit (DVC experiments are git refs).
 """
@@ -86,8 +87,9 @@ def dvc(*args: str) -> str:
     return result.stdout
 
 
-def queue(dataset: str, method: str, overrides: list[str], run_id: str) -> str:
-    name = f"methods-{dataset}-{method}-{run_id}"
+def queue(dataset: str, seed: Optional[int], method: str, overrides: list[str], run_id: str) -> str:
+    name = f"methods-{dataset}{'' if seed is None else f'-seed{seed}'}-{method}-{run_id}"
+    overrides = overrides + ([] if seed is None else [f"data.seed={seed}"])
     dvc("exp", "run", "--queue", "--name", name, *(arg for o in [*overrides, f"train.method={method}"] for arg in ("-S", o)))
     return name
 
@@ -108,9 +110,9 @@ def experiment_metrics(names: list[str], baseline: str) -> dict[str, dict]:
     return found
 
 
-def row_of(dataset: str, method: str, metrics: dict[str, dict]) -> dict:
+def row_of(dataset: str, seed: Optional[int], method: str, metrics: dict[str, dict]) -> dict:
     evaluated = metrics["reports/metrics.json"]
-    row = {"dataset": dataset, "method": method}
+    row = {"dataset": dataset, "method": method, **({} if seed is None else {"data_seed": seed})}
     for name, (section, key) in KEYS.items():
         row[name] = evaluated.get(section, {}).get(key)
     # Seconds are not metrics: the train stage writes them beside its outputs.
@@ -118,10 +120,26 @@ def row_of(dataset: str, method: str, metrics: dict[str, dict]) -> dict:
     return row
 
 
+def mean_rows(rows: list[dict]) -> list[dict]:
+    """One row per (dataset, method): the mean over its data seeds."""
+    means = []
+    for dataset, method in dict.fromkeys((row["dataset"], row["method"]) for row in rows):
+        group = [row for row in rows if (row["dataset"], row["method"]) == (dataset, method)]
+        mean = {"dataset": dataset, "method": method, "data_seed": f"mean of {len(group)}"}
+        for key in [*KEYS, "timing.train_s"]:
+            values = [row[key] for row in group if isinstance(row.get(key), (int, float))]
+            mean[key] = sum(values) / len(values) if len(values) == len(group) else None
+        means.append(mean)
+    return means
+
+
 def main(
     dataset: list[str] = typer.Option(list(OVERRIDES), help=f"datasets to compare on (repeat the option): {', '.join(OVERRIDES)}"),
     method: list[str] = typer.Option(["none", "siamese", "triplet"], help="methods to compare (repeat the option)"),
     set_param: Optional[list[str]] = typer.Option(None, "--set-param", "-S", help="extra override KEY=VALUE for every run, as for dvc exp run -S"),
+    data_seed: Optional[list[int]] = typer.Option(
+        None, help="data.seed of a run (repeat the option): each seed draws another class split and images; with 2+, mean rows are added"
+    ),
     jobs: int = typer.Option(1, "--jobs", "-j", help="experiments run at once (dvc exp run --run-all --jobs)"),
     out: Path = typer.Option(ROOT / "reports/methods.json"),
 ) -> None:
@@ -135,13 +153,16 @@ def main(
         if "digits" in overrides:
             # Outside the project: DVC runs each experiment in its own copy of the workspace.
             overrides["digits"].append(f"data.root={write_digits(Path(tmp) / 'digits')}")
-        names = {(d, m): queue(d, m, overrides[d], run_id) for d in dataset for m in method}
+        seeds = data_seed or [None]
+        names = {(d, seed, m): queue(d, seed, m, overrides[d], run_id) for d in dataset for seed in seeds for m in method}
         typer.echo(f"queued {', '.join(names.values())}; running them (dvc exp run --run-all --jobs {jobs}) ...")
         start = time.perf_counter()
         dvc("exp", "run", "--run-all", "--jobs", str(jobs))
         typer.echo(f"ran in {time.perf_counter() - start:.0f}s")
     metrics = experiment_metrics(list(names.values()), baseline)
-    rows = [row_of(d, m, metrics[experiment]) for (d, m), experiment in names.items()]
+    rows = [row_of(d, seed, m, metrics[experiment]) for (d, seed, m), experiment in names.items()]
+    if len(seeds) > 1:
+        rows += mean_rows(rows)
     payload = {
         "generated_by": "python bench/compare_methods.py",
         "date": date.today().isoformat(),
@@ -152,9 +173,9 @@ def main(
     }
     out.write_text(json.dumps(payload, indent=2) + "\n")
     columns = [*KEYS, "timing.train_s"]
-    typer.echo(f"\n{'dataset':<8}{'method':<10}" + "".join(f"{k.split('.')[-1]:>16}" for k in columns))
+    typer.echo(f"\n{'dataset':<8}{'method':<10}{'data_seed':>12}" + "".join(f"{k.split('.')[-1]:>16}" for k in columns))
     for row in rows:
-        typer.echo(f"{row['dataset']:<8}{row['method']:<10}" + "".join(f"{row[k]:>16.4f}" if isinstance(row[k], float) else f"{str(row[k]):>16}" for k in columns))
+        typer.echo(f"{row['dataset']:<8}{row['method']:<10}{str(row.get('data_seed', '-')):>12}" + "".join(f"{row[k]:>16.4f}" if isinstance(row[k], float) else f"{str(row[k]):>16}" for k in columns))
     typer.echo(f"-> {out}")
 
 

@@ -80,3 +80,19 @@ def test_neighbour_colours_counts_shared_colours_and_precision_either_way(ablati
     assert found["precision_at_1_other_colours"] == 0.0
     assert found["same_colours_by_chance"] == pytest.approx((1 / 3 + 1 / 3 + 0 + 0) / 4, abs=1e-4)
     assert ablation.fill_and_background(paths[2]) == (blue, black)
+
+
+def test_mean_rows_average_each_dataset_and_method_over_its_seeds():
+    compare = _module("compare_methods")
+    rows = [
+        {"dataset": "shapes", "method": m, "data_seed": seed, **{key: value for key in compare.KEYS}, "timing.train_s": 10.0 * seed}
+        for m, values in (("none", (0.1, 0.2)), ("triplet", (0.3, 0.6)))
+        for seed, value in zip((1, 2), values)
+    ]
+    means = {row["method"]: row for row in compare.mean_rows(rows)}
+    assert set(means) == {"none", "triplet"} and means["none"]["data_seed"] == "mean of 2"
+    assert means["none"]["metric_learning.map_at_r"] == pytest.approx(0.15)
+    assert means["triplet"]["verification.accuracy"] == pytest.approx(0.45)
+    assert means["triplet"]["timing.train_s"] == pytest.approx(15.0)
+    rows[0]["metric_learning.map_at_r"] = None  # a run without the metric: no mean that hides it
+    assert compare.mean_rows(rows)[0]["metric_learning.map_at_r"] is None
