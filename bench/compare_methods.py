@@ -166,7 +166,7 @@ def main(
     payload = {
         "generated_by": "python bench/compare_methods.py",
         "date": date.today().isoformat(),
-        # The digits' data.root is a temporary folder: the overrides say how it was made, not where.
+        # The digits' data.root is a temporary folder, gone when the runs end: left out.
         "overrides": {name: [o for o in values if not o.startswith("data.root=")] for name, values in overrides.items()},
         "experiments": list(names.values()),
         "rows": rows,
