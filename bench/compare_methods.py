@@ -40,7 +40,7 @@ EXACT_INDEX = ["index.factory=Flat", "index.search_params="]
 OVERRIDES = {
     "shapes": [
         "data.split_by=class",
-        "data.synthetic.n_classes=12",
+        "data.synthetic.n_classes=20",
         "data.splits.train=0.5",
         "data.splits.val=0.25",
         "data.splits.test=0.25",

@@ -27,7 +27,7 @@ class _Section(BaseModel):
 
 
 class SyntheticParams(_Section):
-    n_classes: int = Field(8, ge=2, le=12)
+    n_classes: int = Field(8, ge=2, le=20)
     images_per_class: int = Field(150, ge=4)
     # Drawn after the others and put in the test split only (of the test classes, when
     # split_by: class): a test set large enough to compare runs, with the same train and val sets.

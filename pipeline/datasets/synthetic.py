@@ -18,8 +18,13 @@ from PIL import Image, ImageDraw
 from pipeline.datasets.base import PreparedDataset, class_entry, split_images
 from pipeline.params import DataParams
 
-# The first `data.synthetic.n_classes` are used (8 by default; up to 12 for class-disjoint splits).
-SHAPES = ["circle", "square", "triangle", "diamond", "star", "cross", "hexagon", "ring", "pentagon", "semicircle", "crescent", "arrow"]
+# The first `data.synthetic.n_classes` are used (8 by default). The rest are there for class-disjoint
+# splits, where metric learning needs many training identities; new shapes go at the end, so a
+# given n_classes always draws the same images.
+SHAPES = [
+    "circle", "square", "triangle", "diamond", "star", "cross", "hexagon", "ring", "pentagon", "semicircle", "crescent", "arrow",
+    "heart", "trapezoid", "parallelogram", "hourglass", "chevron", "ellipse", "house", "frame",
+]
 COLOURS = {
     "red": (220, 40, 40),
     "green": (40, 170, 60),
@@ -94,6 +99,27 @@ def draw_shape(shape: str, colour: tuple, background: tuple, size: int, cx: floa
         w = r * 0.35
         draw.rectangle((cx - r, cy - w, cx + r, cy + w), fill=colour)
         draw.rectangle((cx - w, cy - r, cx + w, cy + r), fill=colour)
+    elif shape == "heart":
+        draw.ellipse((cx - r, cy - r * 0.75, cx, cy + r * 0.25), fill=colour)
+        draw.ellipse((cx, cy - r * 0.75, cx + r, cy + r * 0.25), fill=colour)
+        draw.polygon([(cx - r * 0.97, cy - r * 0.1), (cx + r * 0.97, cy - r * 0.1), (cx, cy + r)], fill=colour)
+    elif shape == "trapezoid":
+        draw.polygon([(cx - r * 0.5, cy - r * 0.6), (cx + r * 0.5, cy - r * 0.6), (cx + r, cy + r * 0.6), (cx - r, cy + r * 0.6)], fill=colour)
+    elif shape == "parallelogram":
+        draw.polygon([(cx - r * 0.4, cy - r * 0.55), (cx + r, cy - r * 0.55), (cx + r * 0.4, cy + r * 0.55), (cx - r, cy + r * 0.55)], fill=colour)
+    elif shape == "hourglass":
+        draw.polygon([(cx - r * 0.8, cy - r), (cx + r * 0.8, cy - r), (cx, cy)], fill=colour)
+        draw.polygon([(cx - r * 0.8, cy + r), (cx + r * 0.8, cy + r), (cx, cy)], fill=colour)
+    elif shape == "chevron":
+        draw.line([(cx - r, cy + r * 0.5), (cx, cy - r * 0.5), (cx + r, cy + r * 0.5)], fill=colour, width=max(2, int(r * 0.35)), joint="curve")
+    elif shape == "ellipse":
+        draw.ellipse((cx - r, cy - r * 0.55, cx + r, cy + r * 0.55), fill=colour)
+    elif shape == "house":
+        draw.rectangle((cx - r * 0.7, cy - r * 0.1, cx + r * 0.7, cy + r), fill=colour)
+        draw.polygon([(cx - r * 0.95, cy - r * 0.1), (cx + r * 0.95, cy - r * 0.1), (cx, cy - r)], fill=colour)
+    elif shape == "frame":
+        s = r * 0.85
+        draw.rectangle((cx - s, cy - s, cx + s, cy + s), outline=colour, width=max(2, int(r * 0.3)))
     else:
         raise ValueError(f"unknown shape {shape!r}")
     return image
