@@ -336,11 +336,12 @@ def serve(
     port: int = typer.Option(7860, help="port"),
     max_upload_mb: float = typer.Option(10.0, help="largest accepted upload, in MB"),
     max_pixels: int = typer.Option(25_000_000, help="largest accepted image, in pixels (width x height)"),
+    max_labels: int = typer.Option(100, help="most zero-shot labels one request may name (requests run one at a time)"),
 ) -> None:
     """A web page for search, classification, verification and adding images."""
     from pipeline import web  # gradio only when the page is asked for
 
-    web.serve(ctx.obj.predictor(), host, port, web.UploadLimits(max_upload_mb, max_pixels))
+    web.serve(ctx.obj.predictor(), host, port, web.PageLimits(max_upload_mb, max_pixels, max_labels=max_labels))
 
 
 @app.callback()

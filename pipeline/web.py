@@ -2,9 +2,14 @@
 
 Tabs: text search, image search, zero-shot classification, verification (when evaluate chose a
 threshold) and adding images to the gallery. The page binds to localhost unless told otherwise.
-Uploads are limited in bytes (Gradio's `max_file_size`, enforced while the upload streams in) and
-in pixels (read from the image header, before anything is decoded); a file that is not an image is
-answered with a message that says so.
+
+Requests run one at a time, so each is bounded (`PageLimits`): uploads in bytes (Gradio's
+`max_file_size` while an upload streams in; `RequestGuard` for every other request body, so a file
+inlined as a `data:` URL cannot pass the limit) and in pixels (read from the image header, before
+anything is decoded), and the work a request asks for (labels, text length, results, files to add).
+A file that is not an image is answered with a message that says so. `RequestGuard` also serves
+only images from Gradio's cache (where every displayed result and upload is copied): the dataset's
+tables, pixels, the gallery's index and whatever else sits beside the images answer 403.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import os
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no usage reports: set before gradio loads
 
 import functools  # noqa: E402
+import json  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Callable, Optional  # noqa: E402
@@ -29,12 +35,101 @@ from pipeline.stage import USER_ERRORS  # noqa: E402
 
 
 @dataclass
-class UploadLimits:
+class PageLimits:
+    """What one request may send and ask for. The work limits keep any one request to about a
+    second on the default model (bench/serve_load.py), since every request waits for the one before."""
+
     max_upload_mb: float = 10.0
     max_pixels: int = 25_000_000
+    max_labels: int = 100  # zero-shot labels: each is encoded with every prompt template
+    max_label_chars: int = 100
+    max_text_chars: int = 1000  # the tokenizer keeps 77 tokens; the rest is never read
+    max_k: int = 50  # results (search) or top classes (classify)
+    max_add_files: int = 64
+
+    @property
+    def max_body_bytes(self) -> int:
+        """Largest request body besides uploads: the labels and text limits with room for the JSON,
+        and never more than an upload may be (a file inlined in JSON is still a file)."""
+        work = 4 * (self.max_labels * (self.max_label_chars + 1) + self.max_text_chars) + 64 * 1024
+        return min(work, int(self.max_upload_mb * 1024 * 1024))
 
 
-def check_image(path: str | Path, name: str, limits: UploadLimits) -> None:
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
+
+
+class RequestGuard:
+    """ASGI middleware in front of Gradio's routes.
+
+    - `.../file=<path>` is served only for an image file inside `servable` (Gradio's cache, where
+      results are copied before they are shown and uploads land); anything else is 403, whatever
+      Gradio's own allowed paths would let through.
+    - A request body other than an upload (JSON calls, queue joins) larger than `max_body_bytes` is
+      refused with 413 before Gradio parses it; uploads are limited by Gradio as they stream in.
+    """
+
+    def __init__(self, app, max_body_bytes: int, servable: list[str]):
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+        self.servable = [Path(os.path.realpath(folder)) for folder in servable]
+
+    def may_serve(self, requested: str) -> bool:
+        if "://" in requested:  # Gradio would fetch and relay a remote URL: the page shows none
+            return False
+        real = Path(os.path.realpath(requested))  # links and `..` resolved before the check
+        return real.suffix.lower() in IMAGE_SUFFIXES and real.is_file() and any(real.is_relative_to(root) for root in self.servable)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+        if "/file=" in path:
+            if not self.may_serve(path.split("/file=", 1)[1]):
+                return await _answer(send, 403, "this page serves only the images it shows")
+        elif scope["method"] in ("POST", "PUT", "PATCH") and not path.rstrip("/").endswith("/upload"):
+            body, complete = await _read_body(receive, self.max_body_bytes)
+            if not complete:
+                return await _answer(send, 413, f"request body over {self.max_body_bytes:,} bytes; upload files instead of inlining them")
+            receive = _replay(body)
+        return await self.app(scope, receive, send)
+
+
+async def _read_body(receive, limit: int) -> tuple[bytes, bool]:
+    """The whole body, or (what was read, False) as soon as it passes `limit` bytes."""
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return b"".join(chunks), True
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            return b"", False
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks), True
+
+
+def _replay(body: bytes):
+    sent = False
+
+    async def receive():
+        nonlocal sent
+        if sent:
+            return {"type": "http.disconnect"}
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return receive
+
+
+async def _answer(send, status: int, detail: str) -> None:
+    payload = json.dumps({"detail": detail}).encode()
+    await send({"type": "http.response.start", "status": status, "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]})
+    await send({"type": "http.response.body", "body": payload})
+
+
+def check_image(path: str | Path, name: str, limits: PageLimits) -> None:
     """Raise gr.Error unless `path` is an image within the pixel limit that decodes completely."""
     try:
         with Image.open(path) as img:  # reads the header only
@@ -51,7 +146,7 @@ def check_image(path: str | Path, name: str, limits: UploadLimits) -> None:
         raise gr.Error(f"{name} is not a readable image: {str(err).split(': ', 1)[-1]}") from None
 
 
-def image_upload(label: str, limits: UploadLimits, **kwargs) -> gr.Image:
+def image_upload(label: str, limits: PageLimits, **kwargs) -> gr.Image:
     """An image upload whose file is checked by `check_image` before any handler sees it."""
     component = gr.Image(label=label, type="filepath", image_mode=None, sources=["upload", "clipboard"], **kwargs)
     plain_preprocess = component.preprocess
@@ -61,6 +156,8 @@ def image_upload(label: str, limits: UploadLimits, **kwargs) -> gr.Image:
         if payload is None:
             return None
         name = payload.orig_name or "the upload"
+        if payload.url and payload.url.startswith("data:"):  # the page uploads files; an inlined one skips the byte limit
+            raise gr.Error(f"{name}: send the image as an upload, not as a data: URL")
         try:
             path = plain_preprocess(payload)
         except Exception as err:  # gr.Image opens the file with PIL: a non-image fails here
@@ -96,23 +193,39 @@ def _gallery_items(hits: pd.DataFrame) -> list[tuple[str, str]]:
 class Page:
     """The handlers, sharing one Predictor (requests run one at a time: see `serve`)."""
 
-    def __init__(self, predictor: Predictor, limits: UploadLimits):
+    def __init__(self, predictor: Predictor, limits: PageLimits):
         self.predictor = predictor
         self.limits = limits
 
+    def _k(self, k: float) -> int:
+        """The slider's value; a call through the API can send any number."""
+        if not 1 <= k <= self.limits.max_k:
+            raise gr.Error(f"results: {k} is not between 1 and {self.limits.max_k}")
+        return int(k)
+
+    def _text(self, text: Optional[str], what: str, most: int) -> str:
+        text = text or ""
+        if len(text) > most:
+            raise gr.Error(f"{what} is {len(text):,} characters; this page accepts at most {most:,}")
+        return text
+
     def search_text(self, text: str, k: float) -> list[tuple[str, str]]:
-        return _gallery_items(self.predictor.search_text(text or "", int(k)))
+        return _gallery_items(self.predictor.search_text(self._text(text, "the description", self.limits.max_text_chars), self._k(k)))
 
     def search_image(self, path: Optional[str], k: float) -> list[tuple[str, str]]:
         if path is None:
             raise gr.Error("upload an image to search with")
-        return _gallery_items(self.predictor.similar(path, int(k)))
+        return _gallery_items(self.predictor.similar(path, self._k(k)))
 
     def classify(self, path: Optional[str], labels: str, k: float) -> dict[str, float]:
         if path is None:
             raise gr.Error("upload an image to classify")
         chosen = [part for part in (labels or "").split(",") if part.strip()] or None  # blank: the dataset's classes
-        predictions = self.predictor.classify(path, chosen, int(k))
+        if chosen and len(chosen) > self.limits.max_labels:
+            raise gr.Error(f"{len(chosen):,} labels; this page classifies among at most {self.limits.max_labels}")
+        for label in chosen or []:
+            self._text(label.strip(), f"the label {label.strip()[:20]!r}...", self.limits.max_label_chars)
+        predictions = self.predictor.classify(path, chosen, self._k(k))
         return dict(zip(predictions["label"], predictions["probability"].astype(float)))
 
     def verify(self, first: Optional[str], second: Optional[str]) -> str:
@@ -133,6 +246,8 @@ class Page:
     def add(self, files: Optional[list[str]]) -> str:
         if not files:
             raise gr.Error("choose one or more images to add")
+        if len(files) > self.limits.max_add_files:
+            raise gr.Error(f"{len(files)} files; add at most {self.limits.max_add_files} at a time")
         rejected = []
         acceptable = []
         for path in files:
@@ -162,11 +277,11 @@ def _listen(event: Callable, handler: Callable, inputs: list, output, concurrenc
     event(_friendly(handler), inputs, output, concurrency_id=concurrency_id, concurrency_limit=1)
 
 
-def build(predictor: Predictor, limits: UploadLimits = UploadLimits()) -> gr.Blocks:
+def build(predictor: Predictor, limits: PageLimits = PageLimits()) -> gr.Blocks:
     page = Page(predictor, limits)
     has_index = predictor.index is not None
     shared_space = predictor.loaded.image_head is None  # a triplet head embeds images only
-    k_slider = functools.partial(gr.Slider, 1, 50, value=8, step=1, label="results")
+    k_slider = functools.partial(gr.Slider, 1, limits.max_k, value=8, step=1, label="results")
     # Uploads are copied into Gradio's cache; drop them after an hour so a long-running page does not fill the disk.
     with gr.Blocks(title="clipline", analytics_enabled=False, delete_cache=(3600, 3600)) as demo:
         header = gr.Markdown(page.header(), elem_id="header")
@@ -183,7 +298,7 @@ def build(predictor: Predictor, limits: UploadLimits = UploadLimits()) -> gr.Blo
         with gr.Tab("Classify", visible=shared_space):
             to_classify = image_upload("image", limits, elem_id="classify-image")
             labels = gr.Textbox(label="labels, comma-separated (blank: the dataset's classes)", placeholder="cat, dog, car", elem_id="classify-labels")
-            k_classes = gr.Slider(1, 20, value=5, step=1, label="top classes")
+            k_classes = gr.Slider(1, min(20, limits.max_k), value=5, step=1, label="top classes")
             classify_button = gr.Button("Classify", variant="primary", elem_id="classify")
             probabilities = gr.Label(label="zero-shot probabilities", elem_id="classify-result")
         with gr.Tab("Same class?", visible="threshold" in predictor.verification):
@@ -209,16 +324,21 @@ def build(predictor: Predictor, limits: UploadLimits = UploadLimits()) -> gr.Blo
     return demo
 
 
-def serve(predictor: Predictor, host: str = "127.0.0.1", port: int = 7860, limits: UploadLimits = UploadLimits(), block: bool = True):
+def serve(predictor: Predictor, host: str = "127.0.0.1", port: int = 7860, limits: PageLimits = PageLimits(), block: bool = True):
     """Start the page; with block=False returns once it is listening (for tests)."""
+    from starlette.middleware import Middleware
+
     demo = build(predictor, limits)
-    # Result images live under the dataset root and the gallery store, which may be outside the cwd.
-    allowed = [str(predictor.image_root.resolve())] + ([str(predictor.gallery.folder.resolve())] if predictor.gallery else [])
+    # Gradio copies a result into its cache before showing it, and only from an allowed path: the
+    # dataset root and the gallery's store. The guard then serves from the cache alone.
+    allowed = [str(predictor.image_root.resolve())] + ([str((predictor.gallery.folder / "store").resolve())] if predictor.gallery else [])
+    guard = Middleware(RequestGuard, max_body_bytes=limits.max_body_bytes, servable=[demo.GRADIO_CACHE])
     demo.launch(
         server_name=host,
         server_port=port,
         max_file_size=int(limits.max_upload_mb * 1024 * 1024),
         allowed_paths=allowed,
+        app_kwargs={"middleware": [guard]},
         ssr_mode=False,
         show_error=True,
         prevent_thread_lock=True,  # returns once listening; blocks below when asked to

@@ -1,6 +1,8 @@
 """The web page: upload checks, the handlers, and the real page driven in headless Chromium."""
 
+import base64
 import contextlib
+import json
 import os
 import select
 import shutil
@@ -8,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -23,7 +26,7 @@ CHROMIUM = Path(os.environ.get("CLIPLINE_CHROMIUM", "/usr/bin/chromium"))
 # Without the background-networking flags Chromium keeps trying to reach Google's hosts.
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]  # fmt: skip
-LIMITS = web.UploadLimits(max_upload_mb=1, max_pixels=200 * 200)
+LIMITS = web.PageLimits(max_upload_mb=1, max_pixels=200 * 200)
 
 
 @pytest.fixture
@@ -63,6 +66,24 @@ def test_handlers_search_classify_and_add(predictor, artifacts, tmp_path):
     assert page.search_image(str(new), 1)[0][0].startswith(str(tmp_path / "gallery" / "store"))
     with pytest.raises(gr.Error, match="at least two different labels"):
         web._friendly(page.classify)(str(artifacts["images"][0]), "only-one", 3)
+
+
+def test_handlers_bound_the_work_one_request_asks_for(predictor, artifacts, tmp_path):
+    """Requests run one at a time: a request over a limit is answered at once, naming the limit."""
+    page, image = web.Page(predictor, LIMITS), str(artifacts["images"][0])
+    many = ", ".join(f"label {n}" for n in range(LIMITS.max_labels + 1))
+    cases = [
+        (lambda: page.classify(image, many, 3), f"{LIMITS.max_labels + 1} labels; this page classifies among at most {LIMITS.max_labels}"),
+        (lambda: page.classify(image, "cat, " + "d" * (LIMITS.max_label_chars + 1), 3), f"at most {LIMITS.max_label_chars}"),
+        (lambda: page.search_text("a" * (LIMITS.max_text_chars + 1), 3), f"the description is 1,001 characters; this page accepts at most {LIMITS.max_text_chars:,}"),
+        (lambda: page.search_text("a red circle", LIMITS.max_k + 1), f"results: 51 is not between 1 and {LIMITS.max_k}"),
+        (lambda: page.search_image(image, 0), "results: 0 is not between 1"),
+        (lambda: page.add([image] * (LIMITS.max_add_files + 1)), f"add at most {LIMITS.max_add_files} at a time"),
+    ]
+    for call, message in cases:
+        with pytest.raises(gr.Error, match=message):
+            call()
+    assert len(page.classify(image, ", ".join(f"label {n}" for n in range(LIMITS.max_labels)), LIMITS.max_k)) == LIMITS.max_k
 
 
 def _free_port() -> int:
@@ -113,6 +134,55 @@ def test_serve_says_where_the_page_is_and_nothing_about_sharing_it(artifacts, tm
     output = "".join(lines)
     assert f"clipline page on {url.rstrip('/')}" in output
     assert "share=True" not in output and "public link" not in output
+
+
+def _call(url: str, api_name: str, data: list) -> tuple[str, object]:
+    """One call through the page's HTTP API (POST, then read the event stream): (event, data)."""
+    request = urllib.request.Request(f"{url}gradio_api/call/{api_name}", json.dumps({"data": data}).encode(), {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        event_id = json.load(response)["event_id"]
+    with urllib.request.urlopen(f"{url}gradio_api/call/{api_name}/{event_id}", timeout=60) as response:
+        lines = response.read().decode().splitlines()
+    event = next(line.split(": ", 1)[1] for line in lines if line.startswith("event: ") and "heartbeat" not in line)
+    return event, json.loads(next(line.split(": ", 1)[1] for line in reversed(lines) if line.startswith("data: ")))
+
+
+def _status(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=30) as response:
+            return response.status
+    except urllib.error.HTTPError as err:
+        return err.code
+
+
+def test_the_served_page_serves_only_what_it_shows_and_no_inlined_upload(artifacts, tmp_path):
+    gallery = tmp_path / "gallery"
+    new = tmp_path / "mine.png"
+    draw_shape("ring", (200, 30, 30), (240, 240, 240), 64, 32, 32, 18).save(new)
+    load_predictor(artifacts, gallery).add([new])  # added.parquet holds this file's absolute path
+    with _serve(artifacts, gallery) as (url, _):
+        event, hits = _call(url, "search_text", ["a red ring", 3])
+        assert event == "complete"
+        shown = [item["image"]["url"] for item in hits[0]]
+        assert len(shown) == 3 and all(_status(u) == 200 for u in shown)
+        data, model = artifacts["data"], artifacts["model"]
+        never = [
+            data / "images.parquet", data / "pixels.npy", data / "classes.json", artifacts["images"][0],  # the image itself, not its shown copy
+            gallery / "current" / "added.parquet", gallery / "current" / "index.json", gallery / ".lock",
+            next((gallery / "store").iterdir()), model / "last.pt", model / "model.json", artifacts["data"].parent.parent / "params.yaml", Path("/etc/passwd"), data / ".." / ".." / "params.yaml",
+        ]
+        assert all(path.exists() for path in never)
+        for path in never:
+            assert _status(f"{url}gradio_api/file={path}") == 403, path
+
+        png = base64.b64encode(new.read_bytes()).decode()
+        inlined = {"path": None, "url": f"data:image/png;base64,{png}", "orig_name": "inline.png", "meta": {"_type": "gradio.FileData"}}
+        event, message = _call(url, "search_image", [inlined, 3])
+        assert event == "error" and "send the image as an upload, not as a data: URL" in json.dumps(message)
+        padded = {**inlined, "url": inlined["url"] + "A" * LIMITS.max_body_bytes}
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            _call(url, "search_image", [padded, 3])
+        assert refused.value.code == 413
 
 
 def test_the_page_in_a_real_browser(served, artifacts, tmp_path):
