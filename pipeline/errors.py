@@ -18,6 +18,10 @@ class DatasetError(UserError):
     """Raw data that cannot be read as the source's format; the message names the file."""
 
 
+class ArtifactError(UserError):
+    """Stage outputs that are damaged or do not fit together; the message names the files and what to rerun."""
+
+
 class ModelError(UserError):
     """A model name, weight tag or checkpoint that cannot be used; the message says what to do."""
 

@@ -9,7 +9,7 @@ import pandas as pd
 import typer
 
 from pipeline import io, preflight
-from pipeline.errors import DatasetError
+from pipeline.errors import ArtifactError
 from pipeline.metrics import tasks
 from pipeline.prepared import load_prepared
 from pipeline.reporting import markdown, outputs
@@ -99,13 +99,24 @@ def main(
 
 
 def with_prepared_columns(frame: pd.DataFrame, prepared: pd.DataFrame, key: str, columns: list[str], frame_path: Path, prepared_path: Path) -> pd.DataFrame:
-    """`frame` (embedding metadata) with `columns` of the prepared table joined on `key`; an id the
-    prepared table lacks means the embeddings come from other prepared data: an error naming both."""
-    missing = ~frame[key].isin(prepared[key])
-    if missing.any():
-        raise DatasetError(
-            f"{frame_path}: {int(missing.sum())} {key}s not in {prepared_path} (e.g. {frame.loc[missing, key].iloc[0]!r}); "
+    """`frame` (embedding metadata) with `columns` of the prepared table joined on `key`. embed
+    embeds every prepared row once, so the ids must match exactly: an id the prepared table lacks
+    means other prepared data, a prepared id without a row means shards lost rows (a metric over
+    what is left would be a number about another test set), a repeated id a mixed folder."""
+    extra = ~frame[key].isin(prepared[key])
+    if extra.any():
+        raise ArtifactError(
+            f"{frame_path}: {int(extra.sum())} {key}s not in {prepared_path} (e.g. {frame.loc[extra, key].iloc[0]!r}); "
             "the embeddings were made from other prepared data: rerun `dvc repro embed`"
+        )
+    repeated = frame[key].duplicated()
+    if repeated.any():
+        raise ArtifactError(f"{frame_path}: {int(repeated.sum())} {key}s embedded twice (e.g. {frame.loc[repeated, key].iloc[0]!r}); rerun `dvc repro embed`")
+    lacking = ~prepared[key].isin(frame[key])
+    if lacking.any():
+        raise ArtifactError(
+            f"{frame_path}: no embedding for {int(lacking.sum())} of the {len(prepared)} {key}s in {prepared_path} "
+            f"(e.g. {prepared.loc[lacking, key].iloc[0]!r}); the shards are incomplete: rerun `dvc repro embed`"
         )
     return frame.merge(prepared[[key, *columns]], on=key, how="left", validate="one_to_one")
 

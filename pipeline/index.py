@@ -32,6 +32,7 @@ def main(
     params = load_params(params_file).index
     source = embeddings / "images"
     meta = pd.concat([chunk for chunk, _ in io.iter_embeddings(source, with_vectors=False)], ignore_index=True)
+    io.check_embedded_rows(meta, "image_id", embeddings, "images")
     in_gallery = meta["split"].isin(params.gallery_splits).to_numpy()
     if not in_gallery.any():
         raise params_lib.ParamsError(f"index.gallery_splits {params.gallery_splits}: no embedded images in these splits")

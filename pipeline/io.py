@@ -20,6 +20,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.errors import ArtifactError
+
 
 def _temp_prefix(target: Path) -> str:
     # The writer's pid is in the name, so a later writer can tell a dead writer's leftovers.
@@ -111,8 +113,8 @@ def read_json(path: str | os.PathLike) -> Any:
         return json.loads(path.read_text())
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: not found; run the stage that writes it (dvc repro)") from None
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ArtifactError(f"{path}: not valid JSON ({err}); rerun the stage that writes it (dvc repro)") from None
 
 
 def _json_default(value: Any) -> Any:
@@ -166,15 +168,45 @@ def embedding_files(path: str | os.PathLike) -> list[Path]:
     raise FileNotFoundError(f"{path}: not found; run `dvc repro embed`")
 
 
+@contextlib.contextmanager
+def _named(file: Path) -> Iterator[None]:
+    """Arrow's errors for a damaged file ("Parquet magic bytes not found") do not say which file."""
+    try:
+        yield
+    except (pa.ArrowException, OSError) as err:
+        if isinstance(err, FileNotFoundError):
+            raise
+        raise ArtifactError(f"{file}: not a readable Parquet file ({err}); rerun the stage that writes it (dvc repro)") from None
+
+
+def _read_shard(file: Path) -> pa.Table:
+    with _named(file):
+        return pq.read_table(file)
+
+
 def read_embeddings(path: str | os.PathLike) -> tuple[pd.DataFrame, np.ndarray]:
     """Read one Parquet file or a folder of shards; returns (metadata, float32 matrix)."""
     files = embedding_files(path)
-    table = pa.concat_tables(pq.read_table(f) for f in files)
+    table = pa.concat_tables(_read_shard(f) for f in files)
     column = table.column("embedding").combine_chunks()
     dim = column.type.list_size
     matrix = column.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, dim)
     meta = table.drop_columns(["embedding"]).to_pandas()
     return meta, matrix
+
+
+def check_embedded_rows(meta: pd.DataFrame, key: str, embeddings_dir: str | os.PathLike, part: str) -> None:
+    """The shards of `part` (images, texts) hold each id once, and as many rows as embed.json says
+    embed wrote: a shard that lost rows still reads as valid Parquet."""
+    info_path = Path(embeddings_dir) / "embed.json"
+    expected = read_json(info_path)[f"n_{part}"]
+    repeated = int(meta[key].duplicated().sum())
+    if len(meta) != expected or repeated:
+        also = f" ({repeated} repeated {key}s)" if repeated else ""
+        raise ArtifactError(
+            f"{Path(embeddings_dir) / part}: {len(meta)} rows{also} where {info_path} says embed wrote {expected}; "
+            "the shards are damaged or mixed with another run's: rerun `dvc repro embed`"
+        )
 
 
 def iter_embeddings(
@@ -191,7 +223,8 @@ def iter_embeddings(
     for file in files:
         # Stream each column chunk through a small buffer; by default (pre-buffered) a shard's whole
         # row group, up to 1Mi rows as `pq.write_table` writes them, is read at once whatever `batch_rows`.
-        shard = pq.ParquetFile(file, buffer_size=1 << 20, pre_buffer=False)
+        with _named(file):
+            shard = pq.ParquetFile(file, buffer_size=1 << 20, pre_buffer=False)
         meta_columns = [name for name in shard.schema_arrow.names if name != "embedding"]
         if not with_vectors:
             yield shard.read(columns=meta_columns).to_pandas(), None

@@ -1,0 +1,79 @@
+"""A stage reading damaged or mismatched artifacts stops with one line naming the file, and never
+computes on what is left."""
+
+import shutil
+
+import pyarrow.parquet as pq
+import pytest
+from conftest import runner
+
+from pipeline import evaluate, index, io
+from pipeline.errors import ArtifactError
+
+
+@pytest.fixture
+def embeddings(artifacts, tmp_path):
+    """A copy of the tiny run's embeddings, to damage."""
+    copy = tmp_path / "embeddings"
+    shutil.copytree(artifacts["emb"], copy)
+    return copy
+
+
+def _fails(app, args, *expected: str) -> str:
+    result = runner.invoke(app, [str(a) for a in args])
+    assert result.exit_code == 1, result.output + repr(result.exception)
+    assert not isinstance(result.exception, Exception) or isinstance(result.exception, SystemExit), repr(result.exception)
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    for text in expected:
+        assert text in lines[0], lines[0]
+    return lines[0]
+
+
+def _index_args(artifacts, embeddings, tmp_path):
+    return ["--params", artifacts["data"].parent.parent / "params.yaml", "--embeddings", embeddings, "--out", tmp_path / "index", "--timing", tmp_path / "t.json"]
+
+
+def _evaluate_args(artifacts, embeddings, tmp_path):
+    return [
+        "--params", artifacts["data"].parent.parent / "params.yaml", "--data", artifacts["data"], "--embeddings", embeddings,
+        "--index", artifacts["index"], "--probe", artifacts["probe"], "--train-reports", artifacts["reports"] / "train",
+        "--reports", tmp_path / "reports", "--methods", tmp_path / "none.json", "--timing", tmp_path / "t.json",
+    ]  # fmt: skip
+
+
+def test_a_shard_that_lost_rows_stops_index_and_evaluate(artifacts, embeddings, tmp_path):
+    shard = embeddings / "images" / "part-00000.parquet"
+    table = pq.read_table(shard)
+    pq.write_table(table.slice(0, table.num_rows - 3), shard)  # still valid Parquet
+    n = table.num_rows
+    _fails(index.app, _index_args(artifacts, embeddings, tmp_path), f"{embeddings / 'images'}: {n - 3} rows where", f"says embed wrote {n}")
+    assert not (tmp_path / "index").exists()
+    _fails(evaluate.app, _evaluate_args(artifacts, embeddings, tmp_path), f"no embedding for 3 of the {n} image_ids", "images.parquet", "rerun `dvc repro embed`")
+    assert not (tmp_path / "reports" / "metrics.json").exists()
+
+
+def test_repeated_rows_are_refused(artifacts, embeddings, tmp_path):
+    shard = embeddings / "images" / "part-00000.parquet"
+    table = pq.read_table(shard)
+    pq.write_table(table.slice(0, table.num_rows - 1), shard)
+    pq.write_table(table.slice(0, 1), embeddings / "images" / "part-00001.parquet")  # the count matches, an id twice
+    _fails(index.app, _index_args(artifacts, embeddings, tmp_path), "(1 repeated image_ids)")
+    _fails(evaluate.app, _evaluate_args(artifacts, embeddings, tmp_path), "1 image_ids embedded twice")
+
+
+@pytest.mark.parametrize("damage", [lambda b: b[: len(b) // 2], lambda b: b"\x00" * 64])
+def test_a_damaged_shard_is_named(artifacts, embeddings, tmp_path, damage):
+    shard = embeddings / "images" / "part-00000.parquet"
+    shard.write_bytes(damage(shard.read_bytes()))
+    _fails(index.app, _index_args(artifacts, embeddings, tmp_path), f"{shard}: not a readable Parquet file")
+    with pytest.raises(ArtifactError, match="part-00000.parquet: not a readable Parquet file"):
+        io.read_embeddings(embeddings / "images")
+
+
+def test_invalid_json_is_an_artifact_error_naming_the_file(tmp_path):
+    (tmp_path / "metrics.json").write_text('{"verification": ')
+    (tmp_path / "binary.json").write_bytes(b"\xff\xfe\x00")
+    for name in ("metrics.json", "binary.json"):
+        with pytest.raises(ArtifactError, match=rf"{name}: not valid JSON .*rerun the stage that writes it"):
+            io.read_json(tmp_path / name)
