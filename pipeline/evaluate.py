@@ -44,6 +44,8 @@ def main(
     _, class_emb = io.read_embeddings(embeddings / "classes.parquet")
     embed_info = io.read_json(embeddings / "embed.json")
     index = faiss_index.load(index_dir)
+    if index.index.d != image_emb.shape[1]:
+        raise ArtifactError(f"{index_dir}: an index of dimension {index.index.d} for embeddings of dimension {image_emb.shape[1]} ({embeddings / 'images'}); rerun `dvc repro index`")
 
     if embed_info["model"].get("image_text_aligned", True):
         zero_shot = tasks.zero_shot(images, image_emb, class_emb, prepared.class_names, params.split)

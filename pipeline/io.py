@@ -184,6 +184,12 @@ def _read_shard(file: Path) -> pa.Table:
         return pq.read_table(file)
 
 
+def read_parquet_named(path: str | os.PathLike, **kwargs) -> pd.DataFrame:
+    """pd.read_parquet, with the file named when it is damaged."""
+    with _named(Path(path)):
+        return pd.read_parquet(path, **kwargs)
+
+
 def read_embeddings(path: str | os.PathLike) -> tuple[pd.DataFrame, np.ndarray]:
     """Read one Parquet file or a folder of shards; returns (metadata, float32 matrix)."""
     files = embedding_files(path)

@@ -21,7 +21,7 @@ import pandas as pd
 from faiss.contrib.exhaustive_search import knn_ground_truth
 
 from pipeline import io
-from pipeline.errors import IndexBuildError  # noqa: F401 (callers import it from here too)
+from pipeline.errors import ArtifactError, IndexBuildError  # noqa: F401 (callers import IndexBuildError from here too)
 from pipeline.retrieval.factory import MAX_TRAIN_POINTS, METRICS, apply_search_params, check_factory_string, check_lists_fit
 
 logger = logging.getLogger(__name__)
@@ -201,6 +201,21 @@ def load(folder: str | Path = "artifacts/index") -> LoadedIndex:
     if not (folder / "index.faiss").exists():
         raise FileNotFoundError(f"{folder / 'index.faiss'}: not found; run `dvc repro index`")
     info = io.read_json(folder / "index.json")
-    index = faiss.read_index(str(folder / "index.faiss"))
+    try:
+        index = faiss.read_index(str(folder / "index.faiss"))
+    except RuntimeError as err:  # FAISS's message is a C++ traceback of its reader
+        reason = str(err).strip().splitlines()[-1][:200] if str(err).strip() else type(err).__name__
+        raise ArtifactError(f"{folder / 'index.faiss'}: not a readable FAISS index ({reason}); rerun `dvc repro index`") from None
+    ids = io.read_parquet_named(folder / "ids.parquet")
+    # The three files are written together: any mismatch means one was replaced or damaged, and
+    # searching would return rows of the id map that are not the vectors found.
+    found = {"vectors in index.faiss": int(index.ntotal), "rows in ids.parquet": len(ids)}
+    if "n" in info:
+        found["n in index.json"] = int(info["n"])
+    other_dim = "dim" in info and int(info["dim"]) != index.d
+    if len(set(found.values())) > 1 or other_dim:
+        sizes = ", ".join(f"{count} {what}" for what, count in found.items())
+        dims = f"; dimension {index.d} in index.faiss, {info['dim']} in index.json" if other_dim else ""
+        raise ArtifactError(f"{folder}: the index files do not fit together ({sizes}{dims}); rerun `dvc repro index`")
     apply_search_params(index, info.get("search_params", ""))
-    return LoadedIndex(index=index, ids=pd.read_parquet(folder / "ids.parquet"), info=info)
+    return LoadedIndex(index=index, ids=ids, info=info)

@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline import io
-from pipeline.errors import DatasetError
+from pipeline.errors import ArtifactError, DatasetError
 from pipeline.images import IMAGE_EXTENSIONS, check_image, file_sha256
 from pipeline.errors import GalleryError  # noqa: F401 (callers import it from here too)
 from pipeline.retrieval import faiss_index
@@ -184,8 +184,13 @@ class Gallery:
 
     def _fresh_state(self) -> tuple[faiss_index.LoadedIndex, Added]:
         """The saved gallery, re-embedded onto the pipeline's new index if `dvc repro` replaced it."""
-        state = faiss_index.load(self.current)
-        added, vectors = io.read_embeddings(self.current / "added.parquet")
+        try:
+            state = faiss_index.load(self.current)
+            added, vectors = io.read_embeddings(self.current / "added.parquet")
+        except (ArtifactError, FileNotFoundError) as err:
+            # `dvc repro` cannot rebuild a gallery: its added images exist only in its store.
+            detail = str(err).split("; rerun", 1)[0].split("; run `dvc", 1)[0]
+            raise GalleryError(f"{detail}; the gallery is damaged: restore {self.current}, or delete {self.folder} to start the gallery again") from None
         self._check_consistent(state, added, vectors)
         built_on = state.info.get("base_index")
         if built_on != str(self.base.index_dir.resolve()):

@@ -2,6 +2,7 @@
 computes on what is left."""
 
 import shutil
+from re import escape as re_escape
 
 import pyarrow.parquet as pq
 import pytest
@@ -77,3 +78,60 @@ def test_invalid_json_is_an_artifact_error_naming_the_file(tmp_path):
     for name in ("metrics.json", "binary.json"):
         with pytest.raises(ArtifactError, match=rf"{name}: not valid JSON .*rerun the stage that writes it"):
             io.read_json(tmp_path / name)
+
+
+def _index_copy(artifacts, tmp_path):
+    copy = tmp_path / "index"
+    shutil.copytree(artifacts["index"], copy)
+    return copy
+
+
+@pytest.mark.parametrize("vectors, dim, expected", [
+    (50, None, "(50 vectors in index.faiss, 32 rows in ids.parquet, 32 n in index.json)"),
+    (5000, None, "(5000 vectors in index.faiss, 32 rows in ids.parquet"),
+    (32, 256, "; dimension 256 in index.faiss, 128 in index.json)"),
+])  # fmt: skip
+def test_an_index_of_another_size_or_dimension_is_refused(artifacts, tmp_path, vectors, dim, expected):
+    import faiss
+    import numpy as np
+
+    from pipeline.retrieval import faiss_index
+
+    folder = _index_copy(artifacts, tmp_path)
+    dim = dim or io.read_json(folder / "index.json")["dim"]
+    other = faiss.IndexFlatIP(dim)
+    other.add(np.random.default_rng(0).standard_normal((vectors, dim)).astype(np.float32))
+    faiss.write_index(other, str(folder / "index.faiss"))
+    with pytest.raises(ArtifactError, match=re_escape(expected)) as refused:
+        faiss_index.load(folder)
+    assert str(refused.value).startswith(f"{folder}: the index files do not fit together (")
+
+
+@pytest.mark.parametrize("name", ["index.faiss", "ids.parquet"])
+def test_a_truncated_index_file_is_named(artifacts, tmp_path, name):
+    from pipeline.retrieval import faiss_index
+
+    folder = _index_copy(artifacts, tmp_path)
+    (folder / name).write_bytes((folder / name).read_bytes()[:40])
+    with pytest.raises(ArtifactError, match=re_escape(f"{folder / name}: not a readable")):
+        faiss_index.load(folder)
+
+
+@pytest.mark.parametrize("damage", ["truncate index.faiss", "delete added.parquet"])
+def test_a_damaged_gallery_says_how_to_recover_it(artifacts, tmp_path, damage):
+    from conftest import load_predictor
+
+    from pipeline.datasets.synthetic import draw_shape
+    from pipeline.errors import GalleryError
+
+    gallery = tmp_path / "gallery"
+    draw_shape("ring", (200, 30, 30), (240, 240, 240), 64, 32, 32, 18).save(tmp_path / "mine.png")
+    load_predictor(artifacts, gallery).add([tmp_path / "mine.png"])
+    current = gallery / "current"
+    if damage == "truncate index.faiss":
+        (current / "index.faiss").write_bytes((current / "index.faiss").read_bytes()[:100])
+    else:
+        (current / "added.parquet").unlink()
+    with pytest.raises(GalleryError, match=re_escape(f"the gallery is damaged: restore {current}, or delete {gallery} to start the gallery again")) as refused:
+        load_predictor(artifacts, gallery).gallery.load()
+    assert "dvc repro" not in str(refused.value)
