@@ -194,7 +194,37 @@ def load_weights(path: Path, device: torch.device | str = "cpu") -> dict:
     try:
         return torch.load(path, map_location=device, weights_only=True)
     except pickle.UnpicklingError as err:
-        raise ModelError(f"{path}: holds more than weights; refusing to unpickle it ({_first_line(err)})") from None
+        reason = _unpickler_reason(err)
+        if "global" in reason.lower():  # the pickle names a function or class to call
+            raise ModelError(f"{path}: holds more than weights; refusing to unpickle it ({reason})") from None
+        raise ModelError(f"{path}: not a checkpoint ({reason})") from None
+    except (RuntimeError, EOFError, OSError) as err:
+        if isinstance(err, FileNotFoundError):
+            raise
+        raise ModelError(f"{path}: not a readable checkpoint, truncated or damaged ({_first_line(err)[:160]})") from None
+
+
+def _unpickler_reason(err: Exception) -> str:
+    """torch's refusal without its advice: it suggests `weights_only=False`, the unsafe load that
+    weights_only exists to avoid, and allow-listing the global."""
+    advice = ("weights_only", "Weights only load failed", "Check the documentation", "Please file an issue", "allowlist")
+    lines = [line.strip() for line in str(err).splitlines() if line.strip() and not any(a in line for a in advice)]
+    reason = lines[0].replace("WeightsUnpickler error:", "").strip() if lines else ""
+    return reason.split(". Please use", 1)[0] or "an unreadable pickle"
+
+
+def _state_dict_of(state, path: Path, part: str) -> dict:
+    if not isinstance(state, dict) or not isinstance(state.get(part), dict):
+        raise ModelError(f"{path}: not a checkpoint of this pipeline (expected a dict with a '{part}' state dict, found {type(state).__name__}); rerun `dvc repro train`")
+    return state[part]
+
+
+def _load_into(module: torch.nn.Module, weights: dict, path: Path, part: str) -> None:
+    try:
+        module.load_state_dict(weights)
+    except RuntimeError as err:  # missing / unexpected keys, shapes of another model
+        detail = " ".join(_first_line(err).split())[:200]
+        raise ModelError(f"{path}: its '{part}' weights do not fit the model in model.json ({detail}); rerun `dvc repro train`") from None
 
 
 class _DropRandomInitWarning(logging.Filter):
@@ -223,13 +253,14 @@ def load_trained(model_dir: str | Path = "artifacts/model", device: str = "auto"
         loaded = create_model(info["name"], "none" if checkpoint else info["pretrained"], device)
     loaded.pretrained = info["pretrained"]
     if checkpoint:
-        state = load_weights(model_dir / checkpoint, loaded.device)
-        loaded.model.load_state_dict(state["model"])
+        path = model_dir / checkpoint
+        state = load_weights(path, loaded.device)
+        _load_into(loaded.model, _state_dict_of(state, path, "model"), path, "model")
         if "head" in state:
             from pipeline.models.heads import ProjectionHead
 
             loaded.image_head = ProjectionHead(loaded.tower_dim, info["head_dim"]).to(loaded.device)
-            loaded.image_head.load_state_dict(state["head"])
+            _load_into(loaded.image_head, _state_dict_of(state, path, "head"), path, "head")
             loaded.image_head.eval()
     loaded.model.eval()
     return loaded, info

@@ -94,10 +94,14 @@ class Resume:
     def load(self) -> Optional[dict]:
         if not self.enabled or self.path is None or not self.path.exists():
             return None
-        from pipeline.models import load_weights  # the same weights_only loading as checkpoints
+        from pipeline.models import ModelError, load_weights  # the same weights_only loading as checkpoints
 
-        state = load_weights(self.path)
-        if state.get("fingerprint") != self.fingerprint:
+        try:
+            state = load_weights(self.path)
+        except ModelError as err:  # damaged on disk (it is written atomically): the next save replaces it
+            log.warning("%s; training starts from the beginning", err)
+            return None
+        if not isinstance(state, dict) or state.get("fingerprint") != self.fingerprint:
             log.warning("%s was saved with other params or data: training starts from the beginning", self.path)
             return None
         log.warning("resuming from %s after epoch %d", self.path, state["epoch"])

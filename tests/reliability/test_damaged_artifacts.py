@@ -135,3 +135,59 @@ def test_a_damaged_gallery_says_how_to_recover_it(artifacts, tmp_path, damage):
     with pytest.raises(GalleryError, match=re_escape(f"the gallery is damaged: restore {current}, or delete {gallery} to start the gallery again")) as refused:
         load_predictor(artifacts, gallery).gallery.load()
     assert "dvc repro" not in str(refused.value)
+
+
+def _model_copy(artifacts, tmp_path, checkpoint_state=None, raw: bytes | None = None):
+    """The tiny run's model folder, with model.json pointing at a checkpoint we write."""
+    import json
+
+    import torch
+
+    folder = tmp_path / "model"
+    shutil.copytree(artifacts["model"], folder)
+    info = json.loads((folder / "model.json").read_text())
+    info["checkpoint"] = "best.pt"
+    (folder / "model.json").write_text(json.dumps(info))
+    if raw is not None:
+        (folder / "best.pt").write_bytes(raw)
+    else:
+        torch.save(checkpoint_state, folder / "best.pt")
+    return folder
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("random bytes", "best.pt: not a checkpoint ("),
+    ("truncated", "best.pt: not a readable checkpoint, truncated or damaged"),
+    ("a list", "best.pt: not a checkpoint of this pipeline (expected a dict with a 'model' state dict, found list)"),
+    ("wrong shapes", "best.pt: its 'model' weights do not fit the model in model.json"),
+])  # fmt: skip
+def test_a_damaged_checkpoint_is_one_line_that_never_suggests_the_unsafe_load(artifacts, tmp_path, case, expected):
+    import numpy as np
+    import torch
+
+    from pipeline.models import ModelError, load_trained
+
+    good = torch.load(artifacts["model"] / "last.pt", weights_only=True)
+    if case == "random bytes":
+        folder = _model_copy(artifacts, tmp_path, raw=np.random.default_rng(0).bytes(2000))
+    elif case == "truncated":
+        folder = _model_copy(artifacts, tmp_path, raw=(artifacts["model"] / "last.pt").read_bytes()[:5000])
+    elif case == "a list":
+        folder = _model_copy(artifacts, tmp_path, [1, 2, 3])
+    else:
+        first = next(iter(good["model"]))
+        folder = _model_copy(artifacts, tmp_path, {**good, "model": {**good["model"], first: torch.zeros(3, 3)}})
+    with pytest.raises(ModelError, match=re_escape(expected)) as refused:
+        load_trained(folder, "cpu")
+    message = str(refused.value)
+    assert "\n" not in message and "weights_only" not in message and "allowlist" not in message
+
+
+def test_an_unreadable_resume_state_starts_training_afresh_with_a_warning(tmp_path, caplog):
+    from pipeline.training.checkpoints import Resume
+
+    path = tmp_path / "model.resume.pt"
+    path.write_bytes(b"PK\x03\x04 cut short")
+    with caplog.at_level("WARNING"):
+        assert Resume(path=path, fingerprint="f", enabled=True).load() is None
+    assert "model.resume.pt: not a readable checkpoint" in caplog.text and "training starts from the beginning" in caplog.text
