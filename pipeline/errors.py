@@ -18,6 +18,10 @@ class DatasetError(UserError):
     """Raw data that cannot be read as the source's format; the message names the file."""
 
 
+class TrainingError(UserError):
+    """Training that cannot go on (a loss that is not finite); nothing is saved as the model."""
+
+
 class ArtifactError(UserError):
     """Stage outputs that are damaged or do not fit together; the message names the files and what to rerun."""
 

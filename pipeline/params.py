@@ -23,7 +23,7 @@ SPLITS = ("train", "val", "test")
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+    model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)  # lr: .inf trains to NaN
 
 
 class SyntheticParams(_Section):

@@ -58,3 +58,20 @@ def test_gradient_clipping_is_applied_for_every_method_and_only_when_set(prepare
     assert calls == []  # 0: off
     _train(method, prepared, epochs=1, grad_clip_norm=0.5)
     assert calls and all(max_norm == 0.5 and n_parameters > 0 for max_norm, n_parameters in calls)  # on the parameters that train
+
+
+def test_a_loss_that_is_not_finite_stops_training_before_any_step(prepared, monkeypatch):
+    from pipeline.errors import TrainingError
+    from pipeline.training import clip
+
+    plain = clip.ClipMethod.step_loss
+    calls = []
+
+    def blows_up_on_the_third(self, batch):
+        calls.append(1)
+        loss = plain(self, batch)
+        return loss * float("inf") if len(calls) == 3 else loss  # two steps an epoch: epoch 2, step 1
+
+    monkeypatch.setattr(clip.ClipMethod, "step_loss", blows_up_on_the_third)
+    with pytest.raises(TrainingError, match=r"train: the loss is inf at epoch 2, step 1; stopped with nothing saved \(train.lr 0.001 may be too high"):
+        _train("clip", prepared, epochs=2)

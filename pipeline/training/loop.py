@@ -21,6 +21,7 @@ import torch
 from tqdm import tqdm  # not tqdm.auto, whose asyncio class calls iter() twice: DataLoader workers would start twice
 
 from pipeline.distributed import World
+from pipeline.errors import TrainingError
 from pipeline.models import LoadedModel
 from pipeline.models.encode import autocast
 from pipeline.params import TrainParams
@@ -169,9 +170,14 @@ def _train_epoch(method: Method, loaded: LoadedModel, params: TrainParams, optim
     method.train_mode()
     start, losses = time.perf_counter(), []
     bar = dict(total=method.steps_per_epoch(), desc=f"epoch {epoch}/{params.epochs}", leave=False, disable=None if world.is_main else True)
-    for batch in tqdm(method.batches(epoch), **bar):
+    for step, batch in enumerate(tqdm(method.batches(epoch), **bar), start=1):
         with autocast(loaded.device):
             loss = method.step_loss(batch)
+        if not math.isfinite(value := loss.item()):  # one step on would make every weight NaN, and best.pt with them
+            raise TrainingError(
+                f"train: the loss is {value} at epoch {epoch}, step {step}; stopped with nothing saved "
+                f"(train.lr {params.lr:g} may be too high; train.grad_clip_norm bounds the steps)"
+            )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if params.grad_clip_norm:
@@ -179,7 +185,7 @@ def _train_epoch(method: Method, loaded: LoadedModel, params: TrainParams, optim
         optimizer.step()
         scheduler.step()
         method.after_step()
-        losses.append(loss.item())
+        losses.append(value)
     result.loss_rows.append(
         {
             "epoch": epoch,

@@ -21,6 +21,8 @@ from pipeline.params import Params, load
         ("train:\n  lr: -1\n", "train.lr"),  # impossible value
         ("index:\n  gallery_splits: [train, dev]\n", "index.gallery_splits"),
         ("data:\n  on_bad_image: ignore\n", "data.on_bad_image"),
+        ("train:\n  lr: .inf\n", "train.lr"),  # non-finite: trains to NaN
+        ("train:\n  triplet:\n    margin: .nan\n", "train.triplet.margin"),
     ],
 )
 def test_params_file_errors_name_the_key(tmp_path, text, key):
