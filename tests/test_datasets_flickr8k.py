@@ -7,6 +7,7 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image
 
@@ -220,3 +221,23 @@ def test_prepare_writes_tables_that_load_back(tmp_path):
     assert prepared.classes == []
     assert list(prepared.captions.columns) == ["caption_id", "image_id", "caption", "split"]
     assert set(prepared.captions["image_id"]) == set(prepared.images["image_id"])
+
+
+def test_a_byte_order_mark_loses_no_caption(tmp_path):
+    # Windows editors save UTF-8 with a BOM; read as plain UTF-8 it glues onto the first image name.
+    plain = flickr8k.prepare(params(make_official(tmp_path / "plain").parents[1]), tmp_path / "out-plain")
+    token = make_official(tmp_path / "bom")
+    token.write_bytes(b"\xef\xbb\xbf" + token.read_bytes())
+    (token.parent / "Flickr_8k.trainImages.txt").write_bytes(b"\xef\xbb\xbf" + (token.parent / "Flickr_8k.trainImages.txt").read_bytes())
+    with_bom = flickr8k.prepare(params(token.parents[1]), tmp_path / "out-bom")
+    pd.testing.assert_frame_equal(with_bom.captions, plain.captions)
+    pd.testing.assert_frame_equal(with_bom.images.drop(columns=["content_hash"], errors="ignore"), plain.images.drop(columns=["content_hash"], errors="ignore"))
+
+
+def test_a_byte_order_mark_in_karpathy_json_is_read(tmp_path):
+    root = tmp_path / "k"
+    make_karpathy(root)
+    plain = flickr8k.prepare(params(root), tmp_path / "out-plain")
+    path = next(root.rglob("*.json"))
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    assert len(flickr8k.prepare(params(root), tmp_path / "out-bom").captions) == len(plain.captions)

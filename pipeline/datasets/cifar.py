@@ -333,7 +333,7 @@ def _read_bin_meta(path: Path, variant: Variant = CIFAR10) -> list[str]:
     if not path.is_file():
         raise DatasetError(f"{path}: class names file not found (is the {variant.title} folder complete?)")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as err:
         raise DatasetError(f"{path}: not a text file of class names ({err})") from None
     # The official file ends with blank lines.

@@ -167,7 +167,7 @@ def _download(root: Path, archives: list[tuple[str, str]]) -> None:
 
 def _read_text(path: Path) -> list[str]:
     try:
-        return path.read_text(encoding="utf-8").splitlines()
+        return path.read_text(encoding="utf-8-sig").splitlines()
     except UnicodeDecodeError as err:
         raise DatasetError(f"{path}: not UTF-8 text ({err})") from None
 

@@ -75,7 +75,7 @@ def read_karpathy(path: Path, rejections: Optional[Rejections] = None, folder_ke
     (COCO's "filepath"), joined in front of the file name; without it the file name is the path."""
     rejections = rejections if rejections is not None else Rejections()
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise DatasetError(f"{path}: not valid JSON ({err})") from None
     entries = data.get("images") if isinstance(data, dict) else None
