@@ -89,7 +89,7 @@ class RequestGuard:
         elif scope["method"] in ("POST", "PUT", "PATCH") and not path.rstrip("/").endswith("/upload"):
             body, complete = await _read_body(receive, self.max_body_bytes)
             if not complete:
-                return await _answer(send, 413, f"request body over {self.max_body_bytes:,} bytes; upload files instead of inlining them")
+                return await _answer(send, 413, f"request body over {self.max_body_bytes:,} bytes, more than any request of this page needs (files are uploaded, not inlined)")
             receive = _replay(body)
         return await self.app(scope, receive, send)
 
