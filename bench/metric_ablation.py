@@ -89,7 +89,7 @@ def score(prepared, params, emb: np.ndarray, dataset: str) -> dict:
     ev = params.evaluate
     found = tasks.metric_learning(prepared.images, emb, ev.split).metrics
     verified = tasks.verification(prepared.images, emb, ev.threshold_split, ev.split, ev.pairs.max_positive, ev.pairs.negatives_per_positive, ev.pairs.seed).metrics
-    row = {"map_at_r": round(found["map_at_r"], 4), "precision_at_1": round(found["precision_at_1"], 4), "verification_accuracy": round(verified["accuracy"], 4)}
+    row = {"classes": len(prepared.classes), "map_at_r": round(found["map_at_r"], 4), "precision_at_1": round(found["precision_at_1"], 4), "verification_accuracy": round(verified["accuracy"], 4)}
     if dataset == "shapes":
         row.update(neighbour_colours(prepared, emb, ev.split))
     return row
