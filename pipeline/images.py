@@ -175,8 +175,18 @@ def check_image(path: Path | TarMember, max_pixels: Optional[int] = None) -> Opt
 
 
 
+# Modes holding more than 8 bits a pixel: PIL's convert("RGB") clips them at 255 instead of scaling,
+# so a mid-grey 16-bit image (32768) came out white.
+HIGH_BIT_MODES = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535, "I": 65535}
+
+
 def to_rgb(img: Image.Image) -> Image.Image:
-    """RGB for the model: grayscale, CMYK and palette converted; transparency composited onto white."""
+    """RGB for the model: grayscale, CMYK and palette converted; 16-bit images scaled to 8 bits
+    (a 16-bit PNG opens as mode I holding 0-65535); transparency composited onto white."""
+    if img.mode in HIGH_BIT_MODES:
+        values = np.asarray(img, dtype=np.float64)
+        scaled = np.clip(np.rint(values * (255 / HIGH_BIT_MODES[img.mode])), 0, 255).astype(np.uint8)
+        return Image.fromarray(scaled, mode="L").convert("RGB")
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))

@@ -141,3 +141,15 @@ def test_bomb_limit_is_a_param_capped_at_pils(tmp_path):
     params_file.write_text(f"data: {{max_image_pixels: {PIL_MAX_IMAGE_PIXELS + 1}}}\n")
     with pytest.raises(ParamsError, match="data.max_image_pixels"):
         load(params_file)
+
+
+@pytest.mark.parametrize("suffix", [".tif", ".png"])
+def test_a_16_bit_image_is_scaled_to_8_bits_not_clipped(tmp_path, suffix):
+    import numpy as np
+    from PIL import Image
+
+    from pipeline.images import load_rgb
+
+    ramp = np.array([[0, 257, 32768, 65535]], dtype=np.uint16).repeat(4, axis=0)
+    Image.fromarray(ramp).save(tmp_path / f"grey16{suffix}")
+    assert np.asarray(load_rgb(tmp_path / f"grey16{suffix}"))[0, :, 0].tolist() == [0, 1, 128, 255]
