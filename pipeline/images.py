@@ -151,7 +151,7 @@ def openable(ref: ImageRef):
     return _MemberBytes(ref) if isinstance(ref, TarMember) else ref
 
 
-def check_image(path: Path | TarMember, max_pixels: Optional[int] = None) -> Optional[str]:
+def check_image(path: Path | TarMember, max_pixels: Optional[int] = None, limit_name: str = "data.max_image_pixels") -> Optional[str]:
     """Return why the file (or tar member) is not a usable image, or None when it decodes completely.
 
     The size limit is checked from the header, before any pixel is decoded, so a
@@ -163,7 +163,7 @@ def check_image(path: Path | TarMember, max_pixels: Optional[int] = None) -> Opt
         with Image.open(openable(path)) as img:
             width, height = img.size
             if max_pixels is not None and width * height > max_pixels:
-                return f"{width}x{height} = {width * height:,} pixels, over data.max_image_pixels ({max_pixels:,})"
+                return f"{width}x{height} = {width * height:,} pixels, over {limit_name} ({max_pixels:,})"
             img.load()  # decodes everything: a truncated file fails here, verify() would not notice
         return None
     except FileNotFoundError:

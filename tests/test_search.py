@@ -163,6 +163,20 @@ def test_add_stops_on_a_corrupt_image_unless_asked_to_skip(artifacts, tmp_path):
     assert "2 added" in out and "1 rejected" in out and f"rejected   {new / 'broken.png'}: not a readable image" in out
 
 
+def test_add_refuses_an_image_over_the_pixel_limit_from_its_header(artifacts, tmp_path, monkeypatch):
+    from PIL import Image
+
+    from pipeline.retrieval import gallery as gallery_lib
+
+    monkeypatch.setattr(gallery_lib, "PIL_MAX_IMAGE_PIXELS", 64 * 64)  # the real limit, 89 M pixels, costs a 90 MB file
+    Image.new("RGB", (65, 64)).save(tmp_path / "big.png")
+    decoded = []
+    monkeypatch.setattr(Image.Image, "load", lambda self: decoded.append(self) or None)
+    out = invoke(cli.app, [*where(artifacts), "--gallery", tmp_path / "gallery", "add", tmp_path / "big.png", "--skip-bad"])
+    assert "rejected   " in out and "big.png: 65x64 = 4,160 pixels, over the gallery's limit" in out and "0 added" in out
+    assert not decoded  # refused from the header
+
+
 def test_an_interrupted_add_leaves_the_previous_gallery(artifacts, tmp_path, monkeypatch):
     new = _new_images(tmp_path / "new")
     gallery = tmp_path / "gallery"

@@ -33,6 +33,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline import io
+from pipeline.params import PIL_MAX_IMAGE_PIXELS
 from pipeline.errors import ArtifactError, DatasetError
 from pipeline.images import IMAGE_EXTENSIONS, check_image, file_sha256
 from pipeline.errors import GalleryError  # noqa: F401 (callers import it from here too)
@@ -141,7 +142,9 @@ class Gallery:
                 if digest in known:
                     report.duplicates.append((source, known[digest]))
                     continue
-                problem = check_image(source)  # decodes the whole file: a truncated image fails here, not later
+                # From the header first (PIL alone would decode up to twice its limit, 179 M pixels), then
+                # the whole file: a truncated image fails here, not later.
+                problem = check_image(source, PIL_MAX_IMAGE_PIXELS, "the gallery's limit, as data.max_image_pixels' default")
                 if problem is not None:
                     if not skip_bad:
                         raise DatasetError(f"{source}: {problem}")
