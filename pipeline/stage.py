@@ -35,18 +35,40 @@ def user_errors_exit_cleanly(func: Callable) -> Callable:
     return wrapper
 
 
+def end_with_parent() -> None:
+    """Linux: this process gets SIGTERM when the process that started it dies (PR_SET_PDEATHSIG).
+
+    A stage killed with `dvc repro` (SIGKILL leaves DVC no time to stop it) would otherwise run on
+    as an orphan and write its outputs after DVC has removed the old ones, with dvc.lock not
+    updated. Elsewhere nothing is done: the orphan finishes, and `dvc status` shows the stage as
+    changed, so the next `dvc repro` reruns it.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    parent = os.getppid()
+    pr_set_pdeathsig = 1
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0) != 0:
+        return  # not permitted here (some sandboxes): keep running as before
+    if os.getppid() != parent:  # the parent died before the signal was set
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def stage_app(main: Callable, distributed: bool = False) -> typer.Typer:
     """A one-command typer app for a stage's `main`; `distributed` stages run under torchrun when
-    `runtime.processes` > 1 (see `launched_under_torchrun`)."""
+    `runtime.processes` > 1 (see `launched_under_torchrun`). A stage ends when the process that
+    started it dies (`end_with_parent`)."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
-    command = main
-    if distributed:
 
-        @functools.wraps(main)
-        def command(**kwargs):
-            if not launched_under_torchrun(main, kwargs):
-                main(**kwargs)
+    @functools.wraps(main)
+    def command(**kwargs):
+        end_with_parent()
+        if not (distributed and launched_under_torchrun(main, kwargs)):
+            main(**kwargs)
 
     app.command()(user_errors_exit_cleanly(command))
     return app
@@ -76,7 +98,7 @@ def launched_under_torchrun(main: Callable, kwargs: dict) -> bool:
         option = inspect.signature(main).parameters[name].default
         command += [option.param_decls[0] if option.param_decls else "--" + name.replace("_", "-"), str(value)]
     typer.echo(f"{module}: {processes} processes under torchrun")
-    exit_code = subprocess.run(command).returncode
+    exit_code = subprocess.run(command, preexec_fn=end_with_parent).returncode  # torchrun, too, ends with this stage
     if exit_code:
         raise typer.Exit(code=exit_code)
     return True

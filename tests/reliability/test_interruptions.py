@@ -1,11 +1,13 @@
 """Killed writers and stages: the previous outputs stay valid, and a rerun completes and cleans up."""
 
+import os
 import random
 import signal
 import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -91,3 +93,32 @@ def test_a_writer_killed_between_the_two_renames_is_repaired(tmp_path):
             assert (target / "a.txt").read_text() == "old"  # restored before anything else
             raise RuntimeError("the next writer fails too")
     assert (target / "a.txt").read_text() == "old"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_stage_ends_when_the_process_that_started_it_is_killed(tmp_path):
+    # As when `dvc repro` is SIGKILLed: its stage must not run on as an orphan and write outputs later.
+    stage = "from pipeline.stage import end_with_parent; end_with_parent(); import time; print('ready', flush=True); time.sleep(120)"
+    launcher = (
+        "import subprocess, sys, time\n"
+        f"child = subprocess.Popen([sys.executable, '-c', {stage!r}], stdout=subprocess.PIPE, text=True)\n"
+        "child.stdout.readline()\n"
+        "print(child.pid, flush=True)\n"
+        "time.sleep(120)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", launcher], stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[2])
+    child_pid = int(parent.stdout.readline())
+    parent.kill()
+    parent.wait()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            os.kill(child_pid, 0)
+        except ProcessLookupError:
+            return
+        with open(f"/proc/{child_pid}/stat") as stat:
+            if stat.read().split(") ", 1)[1].startswith("Z"):  # exited, waiting to be reaped by init
+                return
+        time.sleep(0.2)
+    os.kill(child_pid, signal.SIGKILL)
+    pytest.fail("the stage kept running after the process that started it was killed")
