@@ -24,7 +24,7 @@ from scipy.special import softmax
 
 from pipeline import io
 from pipeline.datasets.base import DEFAULT_TEMPLATES, DatasetError
-from pipeline.errors import PredictError  # noqa: F401 (callers import it from here too)
+from pipeline.errors import ArtifactError, PredictError  # noqa: F401 (callers import PredictError from here too)
 from pipeline.metrics.classification import zero_shot_scores
 from pipeline.metrics.verification import pair_distances, same_probability
 from pipeline.models import LoadedModel, load_trained
@@ -80,7 +80,10 @@ class Predictor:
         loaded, model_info = load_trained(model_dir, device)
         info = io.read_json(Path(data_dir) / "dataset.json") if Path(data_dir, "dataset.json").exists() else {"image_root": None}
         image_root = Path(data_dir) if info["image_root"] is None else Path(info["image_root"])
-        metrics = io.read_json(metrics_path) if Path(metrics_path).exists() else {}
+        try:
+            metrics = io.read_json(metrics_path) if Path(metrics_path).exists() else {}
+        except ArtifactError as err:  # only verification reads it: search and classify go on
+            metrics = {"verification": {"skipped": str(err)}}
         predictor = cls(
             loaded=loaded,
             index=None,

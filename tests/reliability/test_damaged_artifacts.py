@@ -191,3 +191,20 @@ def test_an_unreadable_resume_state_starts_training_afresh_with_a_warning(tmp_pa
     with caplog.at_level("WARNING"):
         assert Resume(path=path, fingerprint="f", enabled=True).load() is None
     assert "model.resume.pt: not a readable checkpoint" in caplog.text and "training starts from the beginning" in caplog.text
+
+
+def test_a_corrupt_metrics_file_stops_verify_only(artifacts, tmp_path):
+    from conftest import where
+
+    args = [str(a) for a in where(artifacts)]
+    metrics = tmp_path / "metrics.json"
+    metrics.write_text("{not json")
+    args[args.index("--metrics") + 1] = str(metrics)
+    args[args.index("--gallery") + 1] = str(tmp_path / "gallery")
+    from pipeline import cli
+
+    searched = runner.invoke(cli.app, [*args, "search", "--text", "a red circle", "--top-k", "2"])
+    assert searched.exit_code == 0, searched.output
+    image = str(artifacts["images"][0])
+    verified = runner.invoke(cli.app, [*args, "verify", image, image])
+    assert verified.exit_code == 1 and f"{metrics}: not valid JSON" in verified.output and "pass --threshold" in verified.output
