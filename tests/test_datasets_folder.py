@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 import shutil
 from pathlib import Path
 
@@ -187,3 +188,29 @@ def test_a_class_split_leaving_a_split_with_one_class_stops_before_any_image_is_
         shutil.rmtree(root / f"id{c}")
     with pytest.raises(DatasetError, match=r"4 classes cannot give train and val and test 2 classes each; use data.split_by=image"):
         prepare_dataset(DataParams(source="folder", root=str(root), split_by="class", splits={"train": 0.5, "val": 0.25, "test": 0.25}), tmp_path / "out")
+
+
+def _linked_tree(root: Path, outside: Path, links: list[str]) -> Path:
+    make_tree(root)
+    write_image(outside / "secret.png", 7)
+    targets = {"evil": outside, "ant/x.png": outside / "secret.png", "loop": root / "loop", "zebra/inner.png": root / "zebra" / "img0.jpg"}
+    for link in links:
+        (root / link).symlink_to(targets[link])
+    return root
+
+
+@pytest.mark.parametrize("link, reason", [
+    ("evil", "a symlink to {outside}, outside data.root"),  # a class folder that leads out
+    ("ant/x.png", "a symlink to {outside}/secret.png, outside data.root"),  # a file that does
+    ("loop", "a symlink that resolves to nothing"),  # loop -> loop
+])  # fmt: skip
+def test_a_link_out_of_the_root_or_in_a_loop_is_refused_or_recorded(tmp_path, link, reason):
+    outside = tmp_path / "outside"
+    root = _linked_tree(tmp_path / "tree", outside, [link, "zebra/inner.png"])
+    expected = reason.format(outside=outside.resolve())
+    with pytest.raises(DatasetError, match=re.escape(f"{root / link}: {expected}")):
+        folder.prepare(params(root), tmp_path / "out")
+    ds = folder.prepare(params(root, on_bad_image="skip"), tmp_path / "out")
+    assert set(ds.images["class_name"]) == {"ant", "Moose", "zebra"} and len(ds.images) == 13
+    assert "zebra/inner" in set(ds.images["image_id"])  # a link inside the root is an image like any other
+    assert [(r["path"], r["reason"][: len(expected)]) for r in ds.rejected] == [(str(root / link), expected)]
