@@ -214,3 +214,12 @@ def test_a_link_out_of_the_root_or_in_a_loop_is_refused_or_recorded(tmp_path, li
     assert set(ds.images["class_name"]) == {"ant", "Moose", "zebra"} and len(ds.images) == 13
     assert "zebra/inner" in set(ds.images["image_id"])  # a link inside the root is an image like any other
     assert [(r["path"], r["reason"][: len(expected)]) for r in ds.rejected] == [(str(root / link), expected)]
+
+
+def test_classes_too_small_to_fill_every_split_are_refused(tmp_path):
+    root = tmp_path / "tiny"
+    for c in range(30):
+        write_image(root / f"class{c:02d}" / "only.png", c)
+    with pytest.raises(DatasetError, match=r"data.splits: split_by=image leaves val and test with no images: 30 images in 30 classes of 1-1 images"):
+        folder.prepare(params(root), tmp_path / "out")
+    assert set(folder.prepare(params(root, split_by="class"), tmp_path / "out").images["split"]) == {"train", "val", "test"}

@@ -75,7 +75,7 @@ def test_every_shape_has_a_silhouette_of_its_own():
 
 
 def test_more_shapes_leave_the_first_classes_images_unchanged(tmp_path, monkeypatch):
-    params = _params(synthetic={"n_classes": 4, "images_per_class": 4, "extra_test_per_class": 1, "image_size": 32})
+    params = _params(splits=SplitRatios(train=0.5, val=0.25, test=0.25), synthetic={"n_classes": 4, "images_per_class": 4, "extra_test_per_class": 1, "image_size": 32})
     full = prepare(params, tmp_path / "full")
     monkeypatch.setattr(synthetic, "SHAPES", synthetic.SHAPES[:4])
     short = prepare(params, tmp_path / "short")

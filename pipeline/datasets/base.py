@@ -198,7 +198,18 @@ def split_images(labels: Iterable[int], params: DataParams) -> np.ndarray:
     """The split of each image per `data.split_by`: stratified per image, or whole classes."""
     if params.split_by == "class":
         return class_disjoint_splits(labels, params.splits, params.seed)
-    return stratified_splits(labels, params.splits, params.seed)
+    labels = np.asarray(list(labels))
+    splits = stratified_splits(labels, params.splits, params.seed)
+    empty = [name for name in ("train", "val", "test") if getattr(params.splits, name) > 0 and not (splits == name).any()]
+    if empty:
+        # Each class is split on its own, so classes of one or two images all land in train.
+        sizes = np.unique(labels, return_counts=True)[1]
+        raise DatasetError(
+            f"data.splits: split_by=image leaves {' and '.join(empty)} with no images: {len(labels)} images in {len(sizes)} classes "
+            f"of {sizes.min()}-{sizes.max()} images, and each class is split on its own; "
+            "give the classes more images, or use data.split_by=class"
+        )
+    return splits
 
 
 def cap_per_split(images: pd.DataFrame, max_per_split: Optional[int], seed: int) -> pd.DataFrame:
