@@ -165,6 +165,9 @@ def _run_index(tmp_path, index_params, embeddings):
     params_file = tmp_path / "params.yaml"
     params_file.write_text(yaml.safe_dump({"index": index_params}))
     out = tmp_path / "index"
+    # What embed writes beside the shards: index checks their rows against its count.
+    n_images = sum(len(meta) for meta, _ in io.iter_embeddings(embeddings / "images", with_vectors=False))
+    io.write_json(embeddings / "embed.json", {"n_images": n_images, "n_texts": 0})
     args = ["--params", params_file, "--embeddings", embeddings, "--out", out, "--timing", tmp_path / "timing.json"]
     return CliRunner().invoke(index_stage.app, [str(a) for a in args]), out
 
