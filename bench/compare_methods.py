@@ -87,18 +87,24 @@ def dvc(*args: str) -> str:
     return result.stdout
 
 
+def experiment_name(dataset: str, seed: Optional[int], method: str, run_id: str) -> str:
+    return f"methods-{dataset}{'' if seed is None else f'-seed{seed}'}-{method}-{run_id}"
+
+
 def queue(dataset: str, seed: Optional[int], method: str, overrides: list[str], run_id: str) -> str:
-    name = f"methods-{dataset}{'' if seed is None else f'-seed{seed}'}-{method}-{run_id}"
+    name = experiment_name(dataset, seed, method, run_id)
     overrides = overrides + ([] if seed is None else [f"data.seed={seed}"])
     dvc("exp", "run", "--queue", "--name", name, *(arg for o in [*overrides, f"train.method={method}"] for arg in ("-S", o)))
     return name
 
 
 def experiment_metrics(names: list[str], baseline: str) -> dict[str, dict]:
-    """Each named experiment's metrics files, as `dvc exp show --json` reports them; `baseline` is
-    the commit they were queued from (HEAD may have moved while they ran)."""
+    """Each named experiment's metrics files, as `dvc exp show --json` reports them. `baseline` is
+    the commit they were queued from; a queued run started after a new commit is listed under that
+    commit, so every commit since is searched too (names carry the run id: no two runs share one)."""
+    since = subprocess.run(["git", "rev-list", f"{baseline}..HEAD"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
     found = {}
-    for commit in json.loads(dvc("exp", "show", "--json", "--rev", baseline)):
+    for commit in json.loads(dvc("exp", "show", "--json", *(arg for rev in [baseline, *since] for arg in ("--rev", rev)))):
         for experiment in commit.get("experiments") or []:
             if experiment.get("name") in names:
                 data = experiment["revs"][0]["data"]
@@ -142,23 +148,27 @@ def main(
     ),
     jobs: int = typer.Option(1, "--jobs", "-j", help="experiments run at once (dvc exp run --run-all --jobs)"),
     out: Path = typer.Option(ROOT / "reports/methods.json"),
+    collect: Optional[str] = typer.Option(None, help="RUN_ID[@COMMIT]: queue and run nothing; read the experiments of an earlier run (names end in its run id) with the same options"),
 ) -> None:
     unknown = sorted(set(dataset) - set(OVERRIDES))
     if unknown:
         raise typer.BadParameter(f"unknown {unknown}; choose from {list(OVERRIDES)}", param_hint="--dataset")
-    run_id = time.strftime("%Y%m%d-%H%M%S")
-    baseline = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+    run_id, _, queued_from = (collect or time.strftime("%Y%m%d-%H%M%S")).partition("@")
+    baseline = subprocess.run(["git", "rev-parse", queued_from or "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
     with tempfile.TemporaryDirectory(prefix="compare-methods-") as tmp:
         overrides = {name: OVERRIDES[name] + list(set_param or []) for name in dataset}
         if "digits" in overrides:
             # Outside the project: DVC runs each experiment in its own copy of the workspace.
             overrides["digits"].append(f"data.root={write_digits(Path(tmp) / 'digits')}")
         seeds = data_seed or [None]
-        names = {(d, seed, m): queue(d, seed, m, overrides[d], run_id) for d in dataset for seed in seeds for m in method}
-        typer.echo(f"queued {', '.join(names.values())}; running them (dvc exp run --run-all --jobs {jobs}) ...")
-        start = time.perf_counter()
-        dvc("exp", "run", "--run-all", "--jobs", str(jobs))
-        typer.echo(f"ran in {time.perf_counter() - start:.0f}s")
+        if collect:
+            names = {(d, seed, m): experiment_name(d, seed, m, run_id) for d in dataset for seed in seeds for m in method}
+        else:
+            names = {(d, seed, m): queue(d, seed, m, overrides[d], run_id) for d in dataset for seed in seeds for m in method}
+            typer.echo(f"queued {', '.join(names.values())}; running them (dvc exp run --run-all --jobs {jobs}) ...")
+            start = time.perf_counter()
+            dvc("exp", "run", "--run-all", "--jobs", str(jobs))
+            typer.echo(f"ran in {time.perf_counter() - start:.0f}s")
     metrics = experiment_metrics(list(names.values()), baseline)
     rows = [row_of(d, seed, m, metrics[experiment]) for (d, seed, m), experiment in names.items()]
     if len(seeds) > 1:
