@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Optional, Union
 import numpy as np
 from PIL import Image
 
-from pipeline.errors import DatasetError
+from pipeline.errors import ArtifactError, DatasetError
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -75,7 +75,15 @@ PIXEL_STORE = "pixels.npy"
 @lru_cache(maxsize=4)
 def _pixel_store(path: str) -> np.ndarray:
     """(n, height, width, 3) uint8, memory-mapped: the pages are shared by every process that reads them."""
-    return np.load(path, mmap_mode="r")
+    try:
+        store = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as err:  # truncated: "mmap length is greater than file size"
+        if isinstance(err, FileNotFoundError):
+            raise
+        raise ArtifactError(f"{path}: not a readable pixel store ({err}); rerun `dvc repro prepare`") from None
+    if store.ndim != 4 or store.shape[-1] != 3 or store.dtype != np.uint8:
+        raise ArtifactError(f"{path}: a {store.dtype} array of shape {store.shape}, not (n, height, width, 3) uint8 pixels; rerun `dvc repro prepare`")
+    return store
 
 
 ImageRef = Union[str, Path, TarMember, StoredPixels]

@@ -208,3 +208,25 @@ def test_a_corrupt_metrics_file_stops_verify_only(artifacts, tmp_path):
     image = str(artifacts["images"][0])
     verified = runner.invoke(cli.app, [*args, "verify", image, image])
     assert verified.exit_code == 1 and f"{metrics}: not valid JSON" in verified.output and "pass --threshold" in verified.output
+
+
+@pytest.mark.parametrize("damage", ["truncate", "drop a row"])
+def test_a_damaged_pixel_store_is_named(artifacts, tmp_path, damage):
+    import numpy as np
+
+    from pipeline.images import load_rgb
+    from pipeline.prepared import load_prepared
+
+    data = tmp_path / "prepared"
+    shutil.copytree(artifacts["data"], data)
+    store = data / "pixels.npy"
+    if damage == "truncate":
+        store.write_bytes(store.read_bytes()[:-1000])
+        expected = f"{store}: not a readable pixel store (mmap length is greater than file size)"
+    else:
+        pixels = np.load(store)
+        np.save(store, pixels[:-1])
+        expected = f"{store}: {len(pixels) - 1} images where {data / 'images.parquet'} lists {len(pixels)}"
+    with pytest.raises(ArtifactError, match=re_escape(expected)):
+        prepared = load_prepared(data)
+        load_rgb(prepared.image_paths()[0])
