@@ -33,10 +33,10 @@ import numpy as np
 import pandas as pd
 
 from pipeline import io
-from pipeline.params import PIL_MAX_IMAGE_PIXELS
 from pipeline.errors import ArtifactError, DatasetError
-from pipeline.images import IMAGE_EXTENSIONS, check_image, file_sha256
 from pipeline.errors import GalleryError  # noqa: F401 (callers import it from here too)
+from pipeline.images import IMAGE_EXTENSIONS, check_image, file_sha256
+from pipeline.params import PIL_MAX_IMAGE_PIXELS
 from pipeline.retrieval import faiss_index
 
 ADDED_SPLIT = "added"
