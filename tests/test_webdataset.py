@@ -301,3 +301,34 @@ def test_clip_training_and_the_probe_read_the_shards(tmp_path):
     assert {"pixels", "final"} <= set(io.read_json(tmp_path / "probe" / "probe.json")["points"])
     invoke(embed.app, ["--params", params, "--data", data, "--model", model, "--out", tmp_path / "emb", "--timing", tmp_path / "t3.json"])
     assert len(io.read_embeddings(tmp_path / "emb" / "images")[0]) == 48
+
+
+@pytest.mark.parametrize("cut", ["between samples", "inside an image"])
+def test_a_truncated_shard_says_where_it_ends_and_what_was_lost(tmp_path, cut):
+    samples = make_samples(per_class=6)
+    folder = tmp_path / "shards"
+    shard = write_shards(folder, samples, 2)[0]
+    with tarfile.open(shard) as tar:
+        members = tar.getmembers()
+    fourth = [m for m in members if m.name.startswith(samples[3]["__key__"] + ".")]
+    image = next(m for m in fourth if m.name.rsplit(".", 1)[1] in ("jpg", "png"))
+    end = fourth[-1].offset_data + fourth[-1].size + 100 if cut == "between samples" else image.offset_data + image.size // 2
+    shard.write_bytes(shard.read_bytes()[:end])
+
+    with pytest.raises(DatasetError) as err:
+        prepare(wds_params(folder), tmp_path / "failed")
+    whole = 4 if cut == "between samples" else 3
+    assert f"{shard}: truncated: the file ends at byte {end:,}" in str(err.value)
+    assert f"{whole} whole samples precede the cut" in str(err.value)
+
+    out = tmp_path / "skipped"
+    prepare(wds_params(folder, on_bad_image="skip"), out)
+    rejected = pd.read_parquet(out / "rejected.parquet")
+    kept = set(pd.read_parquet(out / "images.parquet")["image_id"])
+    in_shard = {s["__key__"] for s in samples[:12]}
+    assert kept & in_shard == {s["__key__"] for s in samples[:whole]}
+    assert kept - in_shard == {s["__key__"] for s in samples[12:]}  # the other shard is whole
+    assert rejected["path"].tolist() == [str(shard)] + ([] if cut == "between samples" else [f"{shard}:{samples[3]['__key__']}"])
+    if cut == "inside an image":
+        before = ", ".join(m.name.rsplit(".", 1)[1] for m in fourth if m.offset < image.offset)
+        assert rejected["reason"].iloc[1] == f"cut short by the shard's truncation (only {before} remain)"

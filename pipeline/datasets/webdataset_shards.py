@@ -22,7 +22,9 @@ seeded hash of the key compared with `data.splits`, so a sample keeps its split 
 added or removed. Bad samples follow `data.on_bad_image` (an undecodable or missing image; no
 caption, or no class, where other samples have one); a malformed `txt`/`cls`/`json`, two members
 of one kind in a sample and duplicate keys follow `data.on_bad_annotation`. Either way the error
-names the shard and the key.
+names the shard and the key. A shard cut short (an interrupted download) is a bad image: the error
+says where the file ends and how many samples before the cut are whole; under `skip` those are kept,
+and the rejections record the cut and the sample it left incomplete.
 """
 
 from __future__ import annotations
@@ -125,11 +127,19 @@ def read_shard(shard: Path, name: str, rejections: Rejections) -> list[Sample]:
     """The samples of one shard with their text members read and their image's TarInfo (offset, size)."""
     try:
         with tarfile.open(shard, "r:") as tar:  # "r:": by offset, so a compressed shard is refused here
-            members = _members(tar, shard, rejections)
-            samples = []
+            members, cut = _members(tar, shard)
             # WebDataset's grouping: consecutive members with one key are a sample.
-            for key, group in itertools.groupby(members, key=lambda member: member[0]):
-                sample = _sample(tar, name, key, f"{shard}:{key}", [(ext, info) for _, ext, info in group], rejections)
+            groups = [(key, [(ext, info) for _, ext, info in group]) for key, group in itertools.groupby(members, key=lambda member: member[0])]
+            partial = _partial_last_sample(groups) if cut else None
+            if cut:
+                lost = f"the incomplete sample {partial!r} and " if partial else ""
+                rejections.bad_image(shard, f"{cut}; {len(groups) - bool(partial)} whole samples precede the cut, {lost}any samples after it are lost")
+            samples = []
+            for key, group in groups:
+                if key == partial:
+                    rejections.bad_image(f"{shard}:{key}", f"cut short by the shard's truncation (only {', '.join(ext for ext, _ in group)} remain)")
+                    continue
+                sample = _sample(tar, name, key, f"{shard}:{key}", group, rejections)
                 if sample is not None:
                     samples.append(sample)
             return samples
@@ -137,8 +147,9 @@ def read_shard(shard: Path, name: str, rejections: Rejections) -> list[Sample]:
         raise DatasetError(f"{shard}: not an uncompressed tar file ({err}); images are read from shards by byte offset, so gunzip compressed ones") from None
 
 
-def _members(tar: tarfile.TarFile, shard: Path, rejections: Rejections) -> list[tuple[str, str, tarfile.TarInfo]]:
-    """(key, extension, TarInfo) of each regular member, in tar order; a shard cut short keeps what precedes the cut."""
+def _members(tar: tarfile.TarFile, shard: Path) -> tuple[list[tuple[str, str, tarfile.TarInfo]], Optional[str]]:
+    """(key, extension, TarInfo) of each regular member, in tar order; and, for a shard cut short,
+    where it ends (None for a whole shard). A cut shard keeps the members wholly before the cut."""
     members = []
     try:
         for info in tar:
@@ -150,8 +161,24 @@ def _members(tar: tarfile.TarFile, shard: Path, rejections: Rejections) -> list[
     except tarfile.ReadError as err:
         if not members:
             raise
-        rejections.bad_image(shard, f"the tar is unreadable after member {members[-1][2].name} ({err}): the samples after it are lost")
-    return members
+        size = shard.stat().st_size
+        whole = [m for m in members if m[2].offset_data + m[2].size <= size]  # the last one may have lost its tail
+        last = f"after member {whole[-1][2].name}" if whole else "before its first whole member"
+        return whole, f"truncated: the file ends at byte {size:,}, {last} ({err})"
+    return members, None
+
+
+def _partial_last_sample(groups: list[tuple[str, list]]) -> Optional[str]:
+    """The key of the last sample before a cut when it may have lost members: it is whole only if it
+    has the member kinds of the sample before it (a shard's samples share their layout)."""
+    if not groups:
+        return None
+    def kinds(members: list) -> set[str]:
+        return {"image" if ext in IMAGE_KEYS else ext for ext, _ in members}  # png and jpg samples mix
+
+    if len(groups) > 1 and kinds(groups[-1][1]) == kinds(groups[-2][1]):
+        return None
+    return groups[-1][0]
 
 
 def _sample(tar: tarfile.TarFile, shard: str, key: str, where: str, members: list[tuple[str, tarfile.TarInfo]], rejections: Rejections) -> Optional[Sample]:
