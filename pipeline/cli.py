@@ -25,6 +25,7 @@ from rich.console import Console
 from rich.table import Table
 
 from pipeline import io
+from pipeline.params import PIL_MAX_IMAGE_PIXELS
 from pipeline.predict import PredictError, Predictor
 from pipeline.stage import user_errors_exit_cleanly
 
@@ -335,7 +336,7 @@ def serve(
     host: str = typer.Option("127.0.0.1", help="address to bind; 0.0.0.0 exposes the page to your network"),
     port: int = typer.Option(7860, help="port"),
     max_upload_mb: float = typer.Option(10.0, help="largest accepted upload, in MB"),
-    max_pixels: int = typer.Option(25_000_000, help="largest accepted image, in pixels (width x height)"),
+    max_pixels: int = typer.Option(PIL_MAX_IMAGE_PIXELS, min=1, max=PIL_MAX_IMAGE_PIXELS, help="largest accepted image, in pixels (width x height); the default is the limit prepare and add apply"),
     max_labels: int = typer.Option(100, help="most zero-shot labels one request may name (requests run one at a time)"),
 ) -> None:
     """A web page for search, classification, verification and adding images."""

@@ -30,6 +30,7 @@ from PIL import Image  # noqa: E402
 
 from pipeline.errors import DatasetError  # noqa: E402
 from pipeline.images import load_rgb  # noqa: E402
+from pipeline.params import PIL_MAX_IMAGE_PIXELS  # noqa: E402
 from pipeline.predict import Predictor  # noqa: E402
 from pipeline.stage import USER_ERRORS  # noqa: E402
 
@@ -40,7 +41,7 @@ class PageLimits:
     second on the default model (bench/serve_load.py), since every request waits for the one before."""
 
     max_upload_mb: float = 10.0
-    max_pixels: int = 25_000_000
+    max_pixels: int = PIL_MAX_IMAGE_PIXELS  # the one limit prepare and `clipline add` apply too
     max_labels: int = 100  # zero-shot labels: each is encoded with every prompt template
     max_label_chars: int = 100
     max_text_chars: int = 1000  # the tokenizer keeps 77 tokens; the rest is never read
