@@ -7,10 +7,13 @@ import functools
 import inspect
 import logging
 import os
+import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import typer
 
@@ -35,18 +38,35 @@ def user_errors_exit_cleanly(func: Callable) -> Callable:
     return wrapper
 
 
-def end_with_parent() -> None:
-    """Linux: this process gets SIGTERM when the process that started it dies (PR_SET_PDEATHSIG).
+SHELLS = {"sh", "dash", "bash", "zsh", "ksh", "mksh", "fish"}
 
-    A stage killed with `dvc repro` (SIGKILL leaves DVC no time to stop it) would otherwise run on
-    as an orphan and write its outputs after DVC has removed the old ones, with dvc.lock not
-    updated. Elsewhere nothing is done: the orphan finishes, and `dvc status` shows the stage as
-    changed, so the next `dvc repro` reruns it.
+
+def end_with_parent() -> None:
+    """Linux, under `dvc repro` (which sets DVC_STAGE): end this stage, with SIGTERM, when DVC dies.
+
+    A stage whose `dvc repro` is killed (SIGKILL leaves DVC no time to stop it) would otherwise run
+    on as an orphan and write its outputs after DVC has removed the old ones, with dvc.lock not
+    updated. DVC runs the command through $SHELL: bash execs it, so DVC is the parent and
+    PR_SET_PDEATHSIG does it; dash (Debian's /bin/sh, used when $SHELL is unset) stays as the parent
+    and lives on, so then a thread watches DVC itself. Run by hand (no DVC_STAGE), a stage is left
+    alone: `nohup python -m pipeline.train &` must outlive the login shell. Elsewhere than Linux
+    nothing is done: the orphan finishes, and `dvc status` shows the stage as changed.
     """
-    if not sys.platform.startswith("linux"):
+    if not sys.platform.startswith("linux") or "DVC_STAGE" not in os.environ:
         return
+    launcher = _first_ancestor_not_a_shell()
+    if launcher is None:
+        return
+    if launcher[0] == os.getppid():
+        die_with_parent()
+    else:
+        threading.Thread(target=_end_when_gone, args=launcher, name="end-with-dvc", daemon=True).start()
+
+
+def die_with_parent() -> None:
+    """Linux: SIGTERM to this process when its parent dies (PR_SET_PDEATHSIG); also torchrun's
+    `preexec_fn`, so that torchrun and its workers end with the stage that launched them."""
     import ctypes
-    import signal
 
     parent = os.getppid()
     pr_set_pdeathsig = 1
@@ -55,6 +75,37 @@ def end_with_parent() -> None:
         return  # not permitted here (some sandboxes): keep running as before
     if os.getppid() != parent:  # the parent died before the signal was set
         os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _process(pid: int) -> Optional[tuple[str, int, str]]:
+    """(command name, parent pid, start time) of a live process from /proc, or None."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    name, rest = stat[stat.index("(") + 1 : stat.rindex(")")], stat[stat.rindex(")") + 2 :].split()
+    # rest[0] is the state, rest[1] the parent, rest[19] the start time (field 22 of proc(5))
+    return None if rest[0] in "ZX" else (name, int(rest[1]), rest[19])
+
+
+def _first_ancestor_not_a_shell() -> Optional[tuple[int, str]]:
+    """(pid, start time) of the nearest ancestor that is not a shell: DVC, for a stage it runs."""
+    pid = os.getppid()
+    for _ in range(8):  # a shell or two between DVC and the stage, never a long chain
+        process = _process(pid)
+        if process is None:
+            return None
+        name, parent, started = process
+        if name not in SHELLS:
+            return pid, started
+        pid = parent
+    return None
+
+
+def _end_when_gone(pid: int, started: str) -> None:
+    while (process := _process(pid)) is not None and process[2] == started:  # the start time tells a reused pid
+        time.sleep(0.5)
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 def stage_app(main: Callable, distributed: bool = False) -> typer.Typer:
@@ -98,7 +149,7 @@ def launched_under_torchrun(main: Callable, kwargs: dict) -> bool:
         option = inspect.signature(main).parameters[name].default
         command += [option.param_decls[0] if option.param_decls else "--" + name.replace("_", "-"), str(value)]
     typer.echo(f"{module}: {processes} processes under torchrun")
-    exit_code = subprocess.run(command, preexec_fn=end_with_parent).returncode  # torchrun, too, ends with this stage
+    exit_code = subprocess.run(command, preexec_fn=die_with_parent).returncode  # torchrun, too, ends with this stage
     if exit_code:
         raise typer.Exit(code=exit_code)
     return True

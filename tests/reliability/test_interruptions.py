@@ -15,6 +15,7 @@ import yaml
 
 from pipeline import io
 from pipeline.prepared import load_prepared
+from pipeline.stage import SHELLS
 
 
 def _spawn(code: str) -> subprocess.Popen:
@@ -95,10 +96,21 @@ def test_a_writer_killed_between_the_two_renames_is_repaired(tmp_path):
     assert (target / "a.txt").read_text() == "old"
 
 
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return not stat.read().split(") ", 1)[1].startswith("Z")  # a zombie has exited, waiting for init
+    except FileNotFoundError:
+        return False
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
-def test_a_stage_ends_when_the_process_that_started_it_is_killed(tmp_path):
-    # As when `dvc repro` is SIGKILLed: its stage must not run on as an orphan and write outputs later.
+@pytest.mark.parametrize("under_dvc", [True, False], ids=["under dvc", "by hand"])
+def test_a_stage_ends_with_dvc_but_a_stage_run_by_hand_outlives_its_shell(tmp_path, under_dvc):
+    # Under DVC (DVC_STAGE set) a killed parent must not leave the stage writing outputs as an
+    # orphan; run by hand (`nohup python -m pipeline.train &`) it must outlive the shell it came from.
     stage = "from pipeline.stage import end_with_parent; end_with_parent(); import time; print('ready', flush=True); time.sleep(120)"
+    env = {**os.environ, "DVC_STAGE": "train"} if under_dvc else {k: v for k, v in os.environ.items() if k != "DVC_STAGE"}
     launcher = (
         "import subprocess, sys, time\n"
         f"child = subprocess.Popen([sys.executable, '-c', {stage!r}], stdout=subprocess.PIPE, text=True)\n"
@@ -106,19 +118,66 @@ def test_a_stage_ends_when_the_process_that_started_it_is_killed(tmp_path):
         "print(child.pid, flush=True)\n"
         "time.sleep(120)\n"
     )
-    parent = subprocess.Popen([sys.executable, "-c", launcher], stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[2])
+    parent = subprocess.Popen([sys.executable, "-c", launcher], stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[2], env=env)
     child_pid = int(parent.stdout.readline())
     parent.kill()
     parent.wait()
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        try:
-            os.kill(child_pid, 0)
-        except ProcessLookupError:
-            return
-        with open(f"/proc/{child_pid}/stat") as stat:
-            if stat.read().split(") ", 1)[1].startswith("Z"):  # exited, waiting to be reaped by init
-                return
+    deadline = time.monotonic() + (20 if under_dvc else 3)
+    while _alive(child_pid) and time.monotonic() < deadline:
         time.sleep(0.2)
-    os.kill(child_pid, signal.SIGKILL)
-    pytest.fail("the stage kept running after the process that started it was killed")
+    survived = _alive(child_pid)
+    if survived:
+        os.kill(child_pid, signal.SIGKILL)
+    assert survived != under_dvc, "the stage kept running after DVC was killed" if under_dvc else "the stage died with the shell that started it"
+
+
+def _stage_processes(marker: str) -> list[int]:
+    """Pids of the live (not zombie) processes whose command line holds `marker`."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if marker in (proc / "cmdline").read_bytes().decode(errors="replace") and ") Z" not in (proc / "stat").read_text():
+                pids.append(int(proc.name))
+        except (OSError, ValueError):
+            continue  # gone meanwhile, or not a process
+    return pids
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+@pytest.mark.parametrize("shell", ["/bin/sh", "/bin/bash"])
+def test_sigkill_of_dvc_repro_ends_its_stage_before_it_writes(tmp_path, shell):
+    """`dvc repro` runs a stage's command through $SHELL, which execs it: the stage is DVC's child,
+    and must end with DVC rather than write its output after DVC is gone."""
+    if not Path(shell).exists():
+        pytest.skip(f"no {shell}")
+    root = Path(__file__).resolve().parents[2]
+    project = tmp_path / "project"
+    project.mkdir()
+    marker = f"{project}/timing.json"  # names this test's stage among all processes
+    (project / "params.yaml").write_text(yaml.safe_dump({"data": {"synthetic": {"n_classes": 8, "images_per_class": 300, "extra_test_per_class": 0}}}))
+    stage = {"cmd": f"{sys.executable} -m pipeline.prepare --params params.yaml --out data/prepared --timing {marker}", "params": ["data"], "outs": ["data/prepared"]}
+    (project / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"prepare": stage}}))
+    env = {**os.environ, "PYTHONPATH": str(root), "SHELL": shell, "DVC_NO_ANALYTICS": "1"}
+    dvc = [sys.executable, "-m", "dvc"]
+    subprocess.run([*dvc, "init", "--no-scm", "-q"], cwd=project, env=env, check=True)
+    subprocess.run([*dvc, "config", "core.analytics", "false"], cwd=project, env=env, check=True)
+
+    repro = subprocess.Popen([*dvc, "repro"], cwd=project, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 90
+    while not list((project / "data").glob(".prepared.*.tmp")):  # the stage is drawing its images
+        assert repro.poll() is None and time.monotonic() < deadline, "dvc repro ended before its stage started writing"
+        time.sleep(0.05)
+    stages = [pid for pid in _stage_processes(marker) if Path(f"/proc/{pid}/comm").read_text().strip() not in SHELLS]
+    assert len(stages) == 1, f"expected one stage process, found {stages}"  # dash stays as its parent, bash execs it
+    repro.send_signal(signal.SIGKILL)
+    repro.wait()
+
+    deadline = time.monotonic() + 20
+    while _stage_processes(marker):  # the stage, and the shell that waited for it
+        if time.monotonic() > deadline:
+            for pid in _stage_processes(marker):
+                os.kill(pid, signal.SIGKILL)
+            pytest.fail("the stage kept running after dvc repro was killed")
+        time.sleep(0.1)
+    assert not (project / "data" / "prepared").exists()  # it never got to write its output
+    assert not (project / "dvc.lock").exists()
