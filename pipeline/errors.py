@@ -23,7 +23,16 @@ class TrainingError(UserError):
 
 
 class ArtifactError(UserError):
-    """Stage outputs that are damaged or do not fit together; the message names the files and what to rerun."""
+    """Stage outputs that are damaged or do not fit together: `problem` names the files and what is
+    wrong, `remedy` what to rerun. A reader that is not a stage (the gallery, which `dvc repro`
+    cannot rebuild) keeps the problem and gives its own remedy."""
+
+    def __init__(self, problem: str, remedy: str = "rerun the stage that writes it (dvc repro)"):
+        super().__init__(problem, remedy)  # both in args, so the error pickles whole
+        self.problem, self.remedy = problem, remedy
+
+    def __str__(self) -> str:
+        return f"{self.problem}; {self.remedy}"
 
 
 class ModelError(UserError):

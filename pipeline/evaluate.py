@@ -45,7 +45,7 @@ def main(
     embed_info = io.read_json(embeddings / "embed.json")
     index = faiss_index.load(index_dir)
     if index.index.d != image_emb.shape[1]:
-        raise ArtifactError(f"{index_dir}: an index of dimension {index.index.d} for embeddings of dimension {image_emb.shape[1]} ({embeddings / 'images'}); rerun `dvc repro index`")
+        raise ArtifactError(f"{index_dir}: an index of dimension {index.index.d} for embeddings of dimension {image_emb.shape[1]} ({embeddings / 'images'})", "rerun `dvc repro index`")
 
     if embed_info["model"].get("image_text_aligned", True):
         zero_shot = tasks.zero_shot(images, image_emb, class_emb, prepared.class_names, params.split)
@@ -108,17 +108,19 @@ def with_prepared_columns(frame: pd.DataFrame, prepared: pd.DataFrame, key: str,
     extra = ~frame[key].isin(prepared[key])
     if extra.any():
         raise ArtifactError(
-            f"{frame_path}: {int(extra.sum())} {key}s not in {prepared_path} (e.g. {frame.loc[extra, key].iloc[0]!r}); "
-            "the embeddings were made from other prepared data: rerun `dvc repro embed`"
+            f"{frame_path}: {int(extra.sum())} {key}s not in {prepared_path} (e.g. {frame.loc[extra, key].iloc[0]!r}): "
+            "the embeddings were made from other prepared data",
+            "rerun `dvc repro embed`",
         )
     repeated = frame[key].duplicated()
     if repeated.any():
-        raise ArtifactError(f"{frame_path}: {int(repeated.sum())} {key}s embedded twice (e.g. {frame.loc[repeated, key].iloc[0]!r}); rerun `dvc repro embed`")
+        raise ArtifactError(f"{frame_path}: {int(repeated.sum())} {key}s embedded twice (e.g. {frame.loc[repeated, key].iloc[0]!r})", "rerun `dvc repro embed`")
     lacking = ~prepared[key].isin(frame[key])
     if lacking.any():
         raise ArtifactError(
             f"{frame_path}: no embedding for {int(lacking.sum())} of the {len(prepared)} {key}s in {prepared_path} "
-            f"(e.g. {prepared.loc[lacking, key].iloc[0]!r}); the shards are incomplete: rerun `dvc repro embed`"
+            f"(e.g. {prepared.loc[lacking, key].iloc[0]!r}): the shards are incomplete",
+            "rerun `dvc repro embed`",
         )
     return frame.merge(prepared[[key, *columns]], on=key, how="left", validate="one_to_one")
 

@@ -62,27 +62,27 @@ class StoredPixels:
         return self.path
 
     def array(self) -> np.ndarray:
-        return _pixel_store(self.store)[self.row]
+        return pixel_store(self.store)[self.row]
 
     def array_store(self) -> np.ndarray:
         """The whole (n, height, width, 3) store this row belongs to, memory-mapped."""
-        return _pixel_store(self.store)
+        return pixel_store(self.store)
 
 
 PIXEL_STORE = "pixels.npy"
 
 
 @lru_cache(maxsize=4)
-def _pixel_store(path: str) -> np.ndarray:
+def pixel_store(path: str) -> np.ndarray:
     """(n, height, width, 3) uint8, memory-mapped: the pages are shared by every process that reads them."""
     try:
         store = np.load(path, mmap_mode="r", allow_pickle=False)
     except (ValueError, OSError, EOFError) as err:  # truncated: "mmap length is greater than file size"
         if isinstance(err, FileNotFoundError):
             raise
-        raise ArtifactError(f"{path}: not a readable pixel store ({err}); rerun `dvc repro prepare`") from None
+        raise ArtifactError(f"{path}: not a readable pixel store ({err})", "rerun `dvc repro prepare`") from None
     if store.ndim != 4 or store.shape[-1] != 3 or store.dtype != np.uint8:
-        raise ArtifactError(f"{path}: a {store.dtype} array of shape {store.shape}, not (n, height, width, 3) uint8 pixels; rerun `dvc repro prepare`")
+        raise ArtifactError(f"{path}: a {store.dtype} array of shape {store.shape}, not (n, height, width, 3) uint8 pixels", "rerun `dvc repro prepare`")
     return store
 
 

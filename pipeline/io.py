@@ -114,7 +114,7 @@ def read_json(path: str | os.PathLike) -> Any:
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: not found; run the stage that writes it (dvc repro)") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ArtifactError(f"{path}: not valid JSON ({err}); rerun the stage that writes it (dvc repro)") from None
+        raise ArtifactError(f"{path}: not valid JSON ({err})") from None
 
 
 def _json_default(value: Any) -> Any:
@@ -176,7 +176,7 @@ def _named(file: Path) -> Iterator[None]:
     except (pa.ArrowException, OSError) as err:
         if isinstance(err, FileNotFoundError):
             raise
-        raise ArtifactError(f"{file}: not a readable Parquet file ({err}); rerun the stage that writes it (dvc repro)") from None
+        raise ArtifactError(f"{file}: not a readable Parquet file ({err})") from None
 
 
 def _read_shard(file: Path) -> pa.Table:
@@ -210,8 +210,9 @@ def check_embedded_rows(meta: pd.DataFrame, key: str, embeddings_dir: str | os.P
     if len(meta) != expected or repeated:
         also = f" ({repeated} repeated {key}s)" if repeated else ""
         raise ArtifactError(
-            f"{Path(embeddings_dir) / part}: {len(meta)} rows{also} where {info_path} says embed wrote {expected}; "
-            "the shards are damaged or mixed with another run's: rerun `dvc repro embed`"
+            f"{Path(embeddings_dir) / part}: {len(meta)} rows{also} where {info_path} says embed wrote {expected}: "
+            "the shards are damaged or mixed with another run's",
+            "rerun `dvc repro embed`",
         )
 
 

@@ -15,7 +15,7 @@ import pandas as pd
 
 from pipeline import io
 from pipeline.errors import ArtifactError, DatasetError
-from pipeline.images import PIXEL_STORE, ImageRef, StoredPixels, image_refs
+from pipeline.images import PIXEL_STORE, ImageRef, StoredPixels, image_refs, pixel_store
 
 
 @dataclass
@@ -37,9 +37,9 @@ class Prepared:
         store = self.root / PIXEL_STORE
         if not store.exists():
             return self.image_files(images)
-        rows_stored = StoredPixels(str(store), 0, "").array_store().shape[0]
+        rows_stored = pixel_store(str(store)).shape[0]
         if rows_stored != len(self.images):  # a row off and every image would be its neighbour's
-            raise ArtifactError(f"{store}: {rows_stored} images where {self.root / 'images.parquet'} lists {len(self.images)}; rerun `dvc repro prepare`")
+            raise ArtifactError(f"{store}: {rows_stored} images where {self.root / 'images.parquet'} lists {len(self.images)}", "rerun `dvc repro prepare`")
         row_of = pd.Series(np.arange(len(self.images)), index=self.images["image_id"].to_numpy())
         rows = row_of[images["image_id"].to_numpy()].to_numpy()
         return [StoredPixels(str(store), int(row), str(self.image_root / path)) for row, path in zip(rows, images["path"])]

@@ -205,7 +205,7 @@ def load(folder: str | Path = "artifacts/index") -> LoadedIndex:
         index = faiss.read_index(str(folder / "index.faiss"))
     except RuntimeError as err:  # FAISS's message is a C++ traceback of its reader
         reason = str(err).strip().splitlines()[-1][:200] if str(err).strip() else type(err).__name__
-        raise ArtifactError(f"{folder / 'index.faiss'}: not a readable FAISS index ({reason}); rerun `dvc repro index`") from None
+        raise ArtifactError(f"{folder / 'index.faiss'}: not a readable FAISS index ({reason})", "rerun `dvc repro index`") from None
     ids = io.read_parquet_named(folder / "ids.parquet")
     # The three files are written together: any mismatch means one was replaced or damaged, and
     # searching would return rows of the id map that are not the vectors found.
@@ -216,6 +216,6 @@ def load(folder: str | Path = "artifacts/index") -> LoadedIndex:
     if len(set(found.values())) > 1 or other_dim:
         sizes = ", ".join(f"{count} {what}" for what, count in found.items())
         dims = f"; dimension {index.d} in index.faiss, {info['dim']} in index.json" if other_dim else ""
-        raise ArtifactError(f"{folder}: the index files do not fit together ({sizes}{dims}); rerun `dvc repro index`")
+        raise ArtifactError(f"{folder}: the index files do not fit together ({sizes}{dims})", "rerun `dvc repro index`")
     apply_search_params(index, info.get("search_params", ""))
     return LoadedIndex(index=index, ids=ids, info=info)

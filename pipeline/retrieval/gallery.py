@@ -40,6 +40,8 @@ from pipeline.params import PIL_MAX_IMAGE_PIXELS
 from pipeline.retrieval import faiss_index
 
 ADDED_SPLIT = "added"
+GALLERY_FILES = ("index.faiss", "ids.parquet", "index.json", "added.parquet")  # current/, written together
+
 # The added images' rows of added.parquet and their embeddings, as read once per command.
 Added = tuple[pd.DataFrame, np.ndarray]
 log = logging.getLogger(__name__)
@@ -187,13 +189,17 @@ class Gallery:
 
     def _fresh_state(self) -> tuple[faiss_index.LoadedIndex, Added]:
         """The saved gallery, re-embedded onto the pipeline's new index if `dvc repro` replaced it."""
+        # `dvc repro` cannot rebuild a gallery (its added images exist only in its store), so the
+        # remedy for a damaged one is the gallery's own, not the stage's the readers would name.
+        remedy = f"the gallery is damaged: restore {self.current}, or delete {self.folder} to start the gallery again"
+        missing = [self.current / name for name in GALLERY_FILES if not (self.current / name).is_file()]
+        if missing:
+            raise GalleryError(f"{missing[0]}: not found; {remedy}")
         try:
             state = faiss_index.load(self.current)
             added, vectors = io.read_embeddings(self.current / "added.parquet")
-        except (ArtifactError, FileNotFoundError) as err:
-            # `dvc repro` cannot rebuild a gallery: its added images exist only in its store.
-            detail = str(err).split("; rerun", 1)[0].split("; run `dvc", 1)[0]
-            raise GalleryError(f"{detail}; the gallery is damaged: restore {self.current}, or delete {self.folder} to start the gallery again") from None
+        except ArtifactError as err:
+            raise GalleryError(f"{err.problem}; {remedy}") from None
         self._check_consistent(state, added, vectors)
         built_on = state.info.get("base_index")
         if built_on != str(self.base.index_dir.resolve()):
