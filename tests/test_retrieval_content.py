@@ -193,5 +193,5 @@ def test_embeddings_of_other_prepared_data_are_refused_before_any_metric(tmp_pat
     prepared = pd.DataFrame({"image_id": ["a", "b"], "content_hash": ["h1", "h2"]})
     joined = with_prepared_columns(pd.DataFrame({"image_id": ["b", "a"]}), prepared, "image_id", ["content_hash"], tmp_path / "emb", tmp_path / "images.parquet")
     assert joined["content_hash"].tolist() == ["h2", "h1"]
-    with pytest.raises(ArtifactError, match=r"emb: 1 image_ids not in .*images.parquet \(e.g. 'z'\); .*rerun `dvc repro embed`"):
+    with pytest.raises(ArtifactError, match=r"emb: 1 image_ids not in .*images.parquet \(e.g. 'z'\): .*; rerun `dvc repro embed`"):
         with_prepared_columns(pd.DataFrame({"image_id": ["a", "z"]}), prepared, "image_id", ["content_hash"], tmp_path / "emb", tmp_path / "images.parquet")
