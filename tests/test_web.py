@@ -1,7 +1,6 @@
 """The web page: upload checks, the handlers, and the real page driven in headless Chromium."""
 
 import base64
-import contextlib
 import json
 import os
 import select
@@ -12,9 +11,11 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 import gradio as gr
+import pandas as pd
 import pytest
 from conftest import load_predictor, where
 from PIL import Image
@@ -92,48 +93,50 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-@contextlib.contextmanager
-def _serve(artifacts, gallery):
-    """`clipline serve` in a subprocess on a free local port; yields (its URL, the process)."""
+@dataclass
+class Page:
+    """One `clipline serve` for the module: its URL, what it printed until the page was up, and
+    its gallery, which holds one image added with the CLI before the server started."""
+
+    url: str
+    startup: str
+    gallery: Path
+    added: Path
+
+
+@pytest.fixture(scope="module")
+def served(artifacts, tmp_path_factory):
+    """`clipline serve` in a subprocess on a free local port, started once: it is the slowest part
+    of these tests, and none of them changes what another one checks."""
+    folder = tmp_path_factory.mktemp("page")
+    gallery, added = folder / "gallery", folder / "mine.png"
+    draw_shape("ring", (200, 30, 30), (240, 240, 240), 64, 32, 32, 18).save(added)
+    load_predictor(artifacts, gallery).add([added])  # added.parquet holds this file's absolute path
     port = _free_port()
     artifact_args = [str(a) for a in where(artifacts)]
     artifact_args[artifact_args.index("--gallery") + 1] = str(gallery)
     command = [sys.executable, "-m", "pipeline.cli", *artifact_args, "serve", "--port", str(port), "--max-upload-mb", "1", "--max-pixels", str(LIMITS.max_pixels)]
     server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}/"
+    lines: list[str] = []
     try:
+        # The page answers a moment before launch() returns and its line is printed: wait for both.
         deadline = time.monotonic() + 120
-        while True:
-            try:
-                urllib.request.urlopen(url, timeout=2)
-                break
-            except OSError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"clipline serve did not come up:\n{server.stdout.read() if server.poll() is not None else ''}")
-                time.sleep(0.5)
-        yield url, server
+        while not any("clipline page on" in line for line in lines):
+            if server.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"clipline serve did not come up:\n{''.join(lines)}{server.stdout.read() if server.poll() is not None else ''}")
+            if select.select([server.stdout], [], [], 0.5)[0]:
+                lines.append(server.stdout.readline())
+        urllib.request.urlopen(url, timeout=30)
+        yield Page(url=url, startup="".join(lines), gallery=gallery, added=added)
     finally:
         server.terminate()
         server.wait(timeout=30)
 
 
-@pytest.fixture
-def served(artifacts, tmp_path):
-    with _serve(artifacts, tmp_path / "gallery") as (url, _):
-        yield url
-
-
-def test_serve_says_where_the_page_is_and_nothing_about_sharing_it(artifacts, tmp_path):
-    lines = []
-    with _serve(artifacts, tmp_path / "gallery") as (url, server):
-        # The page answers a moment before launch() returns and the line is printed.
-        deadline = time.monotonic() + 30
-        while not any("clipline page on" in line for line in lines) and time.monotonic() < deadline:
-            if select.select([server.stdout], [], [], 1.0)[0]:
-                lines.append(server.stdout.readline())
-    output = "".join(lines)
-    assert f"clipline page on {url.rstrip('/')}" in output
-    assert "share=True" not in output and "public link" not in output
+def test_serve_says_where_the_page_is_and_nothing_about_sharing_it(served):
+    assert f"clipline page on {served.url.rstrip('/')}" in served.startup
+    assert "share=True" not in served.startup and "public link" not in served.startup
 
 
 def _call(url: str, api_name: str, data: list) -> tuple[str, object]:
@@ -155,34 +158,30 @@ def _status(url: str) -> int:
         return err.code
 
 
-def test_the_served_page_serves_only_what_it_shows_and_no_inlined_upload(artifacts, tmp_path):
-    gallery = tmp_path / "gallery"
-    new = tmp_path / "mine.png"
-    draw_shape("ring", (200, 30, 30), (240, 240, 240), 64, 32, 32, 18).save(new)
-    load_predictor(artifacts, gallery).add([new])  # added.parquet holds this file's absolute path
-    with _serve(artifacts, gallery) as (url, _):
-        event, hits = _call(url, "search_text", ["a red ring", 3])
-        assert event == "complete"
-        shown = [item["image"]["url"] for item in hits[0]]
-        assert len(shown) == 3 and all(_status(u) == 200 for u in shown)
-        data, model = artifacts["data"], artifacts["model"]
-        never = [
-            data / "images.parquet", data / "pixels.npy", data / "classes.json", artifacts["images"][0],  # the image itself, not its shown copy
-            gallery / "current" / "added.parquet", gallery / "current" / "index.json", gallery / ".lock",
-            next((gallery / "store").iterdir()), model / "last.pt", model / "model.json", artifacts["data"].parent.parent / "params.yaml", Path("/etc/passwd"), data / ".." / ".." / "params.yaml",
-        ]
-        assert all(path.exists() for path in never)
-        for path in never:
-            assert _status(f"{url}gradio_api/file={path}") == 403, path
+def test_the_served_page_serves_only_what_it_shows_and_no_inlined_upload(served, artifacts):
+    url, gallery, new = served.url, served.gallery, served.added
+    event, hits = _call(url, "search_text", ["a red ring", 3])
+    assert event == "complete"
+    shown = [item["image"]["url"] for item in hits[0]]
+    assert len(shown) == 3 and all(_status(u) == 200 for u in shown)
+    data, model = artifacts["data"], artifacts["model"]
+    never = [
+        data / "images.parquet", data / "pixels.npy", data / "classes.json", artifacts["images"][0],  # the image itself, not its shown copy
+        gallery / "current" / "added.parquet", gallery / "current" / "index.json", gallery / ".lock",
+        next((gallery / "store").iterdir()), model / "last.pt", model / "model.json", artifacts["data"].parent.parent / "params.yaml", Path("/etc/passwd"), data / ".." / ".." / "params.yaml",
+    ]
+    assert all(path.exists() for path in never)
+    for path in never:
+        assert _status(f"{url}gradio_api/file={path}") == 403, path
 
-        png = base64.b64encode(new.read_bytes()).decode()
-        inlined = {"path": None, "url": f"data:image/png;base64,{png}", "orig_name": "inline.png", "meta": {"_type": "gradio.FileData"}}
-        event, message = _call(url, "search_image", [inlined, 3])
-        assert event == "error" and "send the image as an upload, not as a data: URL" in json.dumps(message)
-        padded = {**inlined, "url": inlined["url"] + "A" * LIMITS.max_body_bytes}
-        with pytest.raises(urllib.error.HTTPError) as refused:
-            _call(url, "search_image", [padded, 3])
-        assert refused.value.code == 413
+    png = base64.b64encode(new.read_bytes()).decode()
+    inlined = {"path": None, "url": f"data:image/png;base64,{png}", "orig_name": "inline.png", "meta": {"_type": "gradio.FileData"}}
+    event, message = _call(url, "search_image", [inlined, 3])
+    assert event == "error" and "send the image as an upload, not as a data: URL" in json.dumps(message)
+    padded = {**inlined, "url": inlined["url"] + "A" * LIMITS.max_body_bytes}
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        _call(url, "search_image", [padded, 3])
+    assert refused.value.code == 413
 
 
 def test_the_page_in_a_real_browser(served, artifacts, tmp_path):
@@ -196,7 +195,7 @@ def test_the_page_in_a_real_browser(served, artifacts, tmp_path):
     with playwright.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1200, "height": 900})
-        page.goto(served)
+        page.goto(served.url)
 
         page.locator("#text-query textarea").fill("a large red circle")
         page.locator("#text-search").click()
@@ -224,8 +223,9 @@ def test_the_page_in_a_real_browser(served, artifacts, tmp_path):
         page.locator("#add-files").get_by_text("fresh.png").first.wait_for(timeout=30_000)
         page.locator("#add").click()
         page.locator("#add-report").get_by_text("added").first.wait_for(timeout=60_000)
-        assert f"now holds {len(artifacts['images']) + 1} images" in page.locator("#add-report").inner_text()
+        # The pipeline's images, the one the CLI added before the server started, and this one.
+        assert f"now holds {len(artifacts['images']) + 2} images" in page.locator("#add-report").inner_text()
         browser.close()
-    assert (tmp_path / "gallery" / "current" / "added.parquet").is_file()
+    assert len(pd.read_parquet(served.gallery / "current" / "added.parquet", columns=["image_id"])) == 2
     if "CLIPLINE_SCREENSHOT" in os.environ:  # keep the page after a text search, to look at
         shutil.copy(tmp_path / "text_search.png", os.environ["CLIPLINE_SCREENSHOT"])
