@@ -18,7 +18,7 @@ import torch
 import yaml
 
 from conftest import invoke
-from pipeline import evaluate, index, io, probe
+from pipeline import embed, evaluate, index, io, probe
 from pipeline.datasets import prepare
 from pipeline.params import DataParams
 from pipeline.training.curves import read_curves
@@ -104,14 +104,16 @@ def test_two_processes_resume_after_a_kill_and_their_model_evaluates(data, tmp_p
         assert all(torch.equal(expected[name][k], got[name][k]) for k in expected[name]), name
     pd.testing.assert_frame_equal(read_curves(interrupted / "reports")[0], read_curves(straight / "reports")[0])
 
-    # The 2-process checkpoint embeds (2 processes again), indexes, probes and evaluates.
-    emb = straight / "embeddings"
-    _run([sys.executable, "-m", "pipeline.embed", "--params", straight / "params.yaml", "--data", data, "--model", straight / "model",
-          "--out", emb, "--timing", straight / "embed.json"])  # fmt: skip
-    assert sorted(p.name for p in (emb / "images").iterdir()) == ["part-00000.parquet", "part-00001.parquet"]
-    meta, vectors = io.read_embeddings(emb / "images")
+    # The 2-process checkpoint is a checkpoint like any other: it embeds, indexes, probes and
+    # evaluates in one process (2-rank embedding has its own tests in test_pipeline_e2e and
+    # test_webdataset).
+    params, reports, emb = straight / "params.yaml", straight / "eval", straight / "embeddings"
+    one_process = yaml.safe_load(params.read_text())
+    one_process["runtime"]["processes"] = 1
+    params.write_text(yaml.safe_dump(one_process))
+    invoke(embed.app, ["--params", params, "--data", data, "--model", straight / "model", "--out", emb, "--timing", reports / "embed.json"])
+    meta, _ = io.read_embeddings(emb / "images")
     assert sorted(meta["image_id"]) == sorted(pd.read_parquet(data / "images.parquet")["image_id"])
-    params, reports = straight / "params.yaml", straight / "eval"
     invoke(index.app, ["--params", params, "--embeddings", emb, "--out", straight / "index", "--timing", reports / "index.json"])
     invoke(probe.app, ["--params", params, "--data", data, "--model", straight / "model", "--out", straight / "probe",
                        "--timing", reports / "probe.json", "--tradeoff-figure", reports / "tradeoff.png"])  # fmt: skip
