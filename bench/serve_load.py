@@ -10,9 +10,10 @@ the page must refuse (20,000 labels in one call) and says how it was answered an
 
     python bench/serve_load.py                          # 8 clients x 25 searches, two rounds
     python bench/serve_load.py --clients 4 --searches 10
+    python bench/serve_load.py --rounds 5               # does the server's memory settle?
 
 Prints p50 / p95 / max latency and errors per round, the heavy request's own latency, the p95
-ratio (heavy round / plain round) and the server's resident memory before and after.
+ratio (heavy round / plain round) and the server's resident memory at start and after each round.
 """
 
 from __future__ import annotations
@@ -136,6 +137,7 @@ def main(
     searches: int = typer.Option(25, help="text searches per client per round"),
     heavy_after: float = typer.Option(2.0, help="seconds into the heavy round that the maximal classify is sent"),
     image: Path = typer.Option(None, help="image to classify (default: the first prepared image)"),
+    rounds: int = typer.Option(1, min=1, help="times to run the plain and the heavy round (memory is read after each)"),
 ) -> None:
     import pandas as pd
 
@@ -152,28 +154,41 @@ def main(
         labels = ", ".join(f"{n:04d}".ljust(limits.max_label_chars, "x") for n in range(limits.max_labels))
         heavy = [uploaded, labels, 5]
         call(url, "search_text", ["warm up", 8])
-        plain = search_round(url, clients, searches)
-        loaded = search_round(url, clients, searches, heavy, heavy_after)
+        memory = {"started": memory_before, "after one search": rss_mb(server.pid)}
+        results = []
+        for n in range(1, rounds + 1):
+            plain = search_round(url, clients, searches)
+            memory[f"after plain round {n}"] = rss_mb(server.pid)
+            loaded = search_round(url, clients, searches, heavy, heavy_after)
+            memory[f"after heavy round {n}"] = rss_mb(server.pid)
+            results += [(f"plain {n}", plain), (f"with a maximal classify {n}", loaded)]
         began = time.perf_counter()
         event, answer = call(url, "classify", [uploaded, ", ".join(f"label {n}" for n in range(20_000)), 5])
         refused = {"event": event, "seconds": time.perf_counter() - began, "answer": str(answer)[:160]}
-        memory_after = rss_mb(server.pid)
+        memory["at the end"] = rss_mb(server.pid)
     finally:
         server.terminate()
         server.wait(timeout=30)
 
     typer.echo(f"{clients} clients x {searches} text searches per round, on 127.0.0.1:{port}")
-    for name, result in (("plain", plain), ("with a maximal classify", loaded)):
+    for name, result in results:
         typer.echo(
             f"{name:>24}: {result['searches']} searches, {result['errors']} errors, p50 {result['p50_s']:.2f} s, "
             f"p95 {result['p95_s']:.2f} s, max {result['max_s']:.2f} s, wall {result['wall_s']:.1f} s"
         )
         if result["first_error"]:
             typer.echo(f"{'':>26}first error: {result['first_error']}")
-    typer.echo(f"maximal classify ({limits.max_labels} labels of {limits.max_label_chars} characters): {loaded['heavy']['event']} in {loaded['heavy']['seconds']:.2f} s")
-    typer.echo(f"text-search p95 ratio (with / plain): {loaded['p95_s'] / plain['p95_s']:.2f}")
+    heavy_rounds = [result for name, result in results if result["heavy"]]
+    typer.echo(
+        f"maximal classify ({limits.max_labels} labels of {limits.max_label_chars} characters): "
+        + ", ".join(f"{r['heavy']['event']} in {r['heavy']['seconds']:.2f} s" for r in heavy_rounds)
+    )
+    ratios = [loaded["p95_s"] / plain["p95_s"] for (_, plain), (_, loaded) in zip(results[::2], results[1::2])]
+    typer.echo(f"text-search p95 ratio (with / plain): {', '.join(f'{r:.2f}' for r in ratios)}")
     typer.echo(f"20,000 labels in one call: {refused['event']} in {refused['seconds']:.2f} s ({refused['answer']})")
-    typer.echo(f"server memory: {memory_before:.0f} MB before, {memory_after:.0f} MB after")
+    # Growth that stops after the first round is warm-up (allocator pools, caches); growth that
+    # goes on round after round would be a leak.
+    typer.echo("server resident memory: " + ", ".join(f"{mb:.0f} MB {when}" for when, mb in memory.items()))
 
 
 if __name__ == "__main__":

@@ -342,6 +342,7 @@ def serve(
     """A web page for search, classification, verification and adding images."""
     from pipeline import web  # gradio only when the page is asked for
 
+    web.one_malloc_arena()  # before the model loads and the first threads allocate
     web.serve(ctx.obj.predictor(), host, port, web.PageLimits(max_upload_mb, max_pixels, max_labels=max_labels))
 
 

@@ -37,8 +37,9 @@ from pipeline.stage import USER_ERRORS  # noqa: E402
 
 @dataclass
 class PageLimits:
-    """What one request may send and ask for. The work limits keep any one request to about a
-    second on the default model (bench/serve_load.py), since every request waits for the one before."""
+    """What one request may send and ask for, and what the server keeps between requests. The work
+    limits keep any one request to about a second on the default model (bench/serve_load.py), since
+    every request waits for the one before."""
 
     max_upload_mb: float = 10.0
     max_pixels: int = PIL_MAX_IMAGE_PIXELS  # the one limit prepare and `clipline add` apply too
@@ -47,6 +48,10 @@ class PageLimits:
     max_text_chars: int = 1000  # the tokenizer keeps 77 tokens; the rest is never read
     max_k: int = 50  # results (search) or top classes (classify)
     max_add_files: int = 64
+    # Gradio keeps a copy of every component's config for each session (a browser tab, or one API
+    # call), 10,000 sessions by default: ~60 KB each on this page, so memory grew with every API
+    # call until 600 MB more. The page keeps no state in a session, so a dropped one loses nothing.
+    sessions_kept: int = 100
 
     @property
     def max_body_bytes(self) -> int:
@@ -325,6 +330,22 @@ def build(predictor: Predictor, limits: PageLimits = PageLimits()) -> gr.Blocks:
     return demo
 
 
+def one_malloc_arena() -> None:
+    """Linux (glibc): every thread allocates from one malloc arena. By default each thread that
+    allocates gets an arena of its own and keeps what it frees there; Gradio runs handlers on a
+    pool of worker threads, and the freed activations of each stayed resident: the server grew
+    40-60 MB per maximal classify (`python bench/serve_load.py --rounds 5`). Requests run one at a
+    time, so one arena costs no contention. Call it before threads allocate (arenas made before it
+    stay); elsewhere than glibc it does nothing."""
+    import ctypes
+
+    m_arena_max = -8  # glibc's malloc.h
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(m_arena_max, 1)
+    except (OSError, AttributeError):
+        pass
+
+
 def serve(predictor: Predictor, host: str = "127.0.0.1", port: int = 7860, limits: PageLimits = PageLimits(), block: bool = True):
     """Start the page; with block=False returns once it is listening (for tests)."""
     from starlette.middleware import Middleware
@@ -342,6 +363,7 @@ def serve(predictor: Predictor, host: str = "127.0.0.1", port: int = 7860, limit
         app_kwargs={"middleware": [guard]},
         ssr_mode=False,
         show_error=True,
+        state_session_capacity=limits.sessions_kept,
         prevent_thread_lock=True,  # returns once listening; blocks below when asked to
         quiet=True,  # Gradio would also print its `share=True` hint, for a page that stays local on purpose
     )

@@ -184,6 +184,18 @@ def test_the_served_page_serves_only_what_it_shows_and_no_inlined_upload(served,
     assert refused.value.code == 413
 
 
+def test_the_server_keeps_a_bounded_number_of_sessions(predictor):
+    """Every API call is a session to Gradio, and each held ~60 KB until 10,000 were kept: memory
+    grew with every search. In process, to see what the server holds."""
+    demo = web.serve(predictor, port=_free_port(), limits=web.PageLimits(sessions_kept=3), block=False)
+    try:
+        for n in range(8):
+            assert _call(demo.local_url, "search_text", [f"a red circle {n}", 2])[0] == "complete"
+        assert 1 <= len(demo.state_holder.session_data) <= 3
+    finally:
+        demo.close()
+
+
 def test_the_page_in_a_real_browser(served, artifacts, tmp_path):
     playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install -e '.[test]')")
     if not CHROMIUM.is_file():
