@@ -48,19 +48,26 @@ def find_project_root(start: Path) -> Optional[Path]:
     return None
 
 
-def _in_project(ctx: typer.Context, name: str, path: Path) -> Path:
-    """A path option as given, or, left at its default, resolved in the project (so commands work
-    from any folder inside it)."""
-    source = ctx.get_parameter_source(name)  # an enum of typer's own click copy: compared by name
-    if source is None or source.name != "DEFAULT" or path.is_absolute():
-        return path
+def _in_project(ctx: typer.Context, paths: dict[str, Path], usage: str) -> dict[str, Path]:
+    """Path options as given, and those left at their default resolved in the project (so commands
+    work from any folder inside it). Outside a project, one error names every option still needed,
+    where it goes on the command line: `usage` with `{options}` for them."""
+    defaults = [name for name, path in paths.items() if _left_at_default(ctx, name) and not path.is_absolute()]
+    if not defaults:
+        return dict(paths)
     root = find_project_root(Path.cwd())
     if root is None:
+        options = " ".join(f"--{name.replace('_', '-')} PATH" for name in defaults)
         raise PredictError(
             f"no clipline project found: no dvc.yaml in {Path.cwd()} or any folder above it. "
-            f"Run from inside the project, or give --{name.replace('_', '-')} (and the other artifact options)"
+            f"Run from inside the project, or give the paths: {usage.format(options=options)}"
         )
-    return root / path
+    return {name: root / path if name in defaults else path for name, path in paths.items()}
+
+
+def _left_at_default(ctx: typer.Context, name: str) -> bool:
+    source = ctx.get_parameter_source(name)  # an enum of typer's own click copy: compared by name
+    return source is not None and source.name == "DEFAULT"
 
 
 JSON_OPTION = typer.Option(False, "--json", help="print one JSON document on stdout instead of the table (for scripts)")
@@ -134,7 +141,7 @@ def info(
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Show what the last `dvc repro` built and measured: dataset, model, index, metrics."""
-    metrics = io.read_json(_in_project(ctx, "reports", reports) / "metrics.json")
+    metrics = io.read_json(_in_project(ctx, {"reports": reports}, "clipline info {options}")["reports"] / "metrics.json")
     rows: list[tuple[str, object]] = []
     _flatten("", metrics, rows)
     # JSON: metrics.json as it is, nested; the table: one dotted key per line (lists left out).
@@ -150,10 +157,14 @@ class Artifacts:
         self.ctx, self.paths, self.gallery, self.device = ctx, paths, gallery, device
 
     def path(self, name: str) -> Path:
-        return _in_project(self.ctx, name, self.paths[name])
+        return self.resolved()[name]
+
+    def resolved(self) -> dict[str, Path]:
+        """Every artifact path; the options go before the command name."""
+        return _in_project(self.ctx, self.paths, f"clipline {{options}} {self.ctx.invoked_subcommand} ...")
 
     def predictor(self) -> Predictor:
-        path = {name: self.path(name) for name in self.paths}
+        path = self.resolved()
         return Predictor.from_artifacts(path["model"], path["index"], path["data"], path["metrics"], self.device, path["embeddings"], self.gallery)
 
 
@@ -218,7 +229,7 @@ def verify(
     ctx: typer.Context,
     image1: Optional[Path] = typer.Argument(None, help="first image"),
     image2: Optional[Path] = typer.Argument(None, help="second image"),
-    pairs: Optional[Path] = typer.Option(None, help="CSV with columns image1,image2 (a batch instead of two images)"),
+    pairs: Optional[Path] = typer.Option(None, help="CSV with columns image1,image2 (a batch instead of two images); relative paths are from its folder"),
     out: Optional[Path] = typer.Option(None, help="where to write the batch results as CSV (default: stdout)"),
     threshold: Optional[float] = typer.Option(None, min=0.0, help="distance threshold, >= 0 (default: the one evaluate chose)"),
     as_json: bool = JSON_OPTION,
@@ -233,7 +244,7 @@ def verify(
     if pairs is not None:
         if not pairs.is_file():
             raise FileNotFoundError(f"{pairs}: pairs file not found")
-        results = predictor.verify_pairs(pd.read_csv(pairs), threshold)
+        results = predictor.verify_pairs(pd.read_csv(pairs), threshold, relative_to=pairs.parent)  # paths in it are the file's
         n_same = int(results["same"].sum())
         if out is not None:
             io.write_text(out, results.to_csv(index=False))

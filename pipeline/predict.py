@@ -100,6 +100,8 @@ class Predictor:
 
     def embed(self, paths: Sequence[str | Path]) -> np.ndarray:
         for path in paths:
+            if Path(path).is_dir():
+                raise DatasetError(f"{path}: a folder, not an image file (`clipline add` takes folders)")
             if not Path(path).is_file():
                 raise DatasetError(f"{path}: image file not found")
         return encode_images(self.loaded, list(paths), batch_size=64)
@@ -124,16 +126,23 @@ class Predictor:
         p_same = None if np.isnan(row["p_same"]) else float(row["p_same"])
         return Verdict(bool(row["same"]), float(row["distance"]), float(row["threshold"]), p_same)
 
-    def verify_pairs(self, pairs: pd.DataFrame, threshold: Optional[float] = None) -> pd.DataFrame:
-        """`pairs` has columns image1, image2; returns them with distance, same, threshold, p_same."""
+    def verify_pairs(self, pairs: pd.DataFrame, threshold: Optional[float] = None, relative_to: Optional[Path] = None) -> pd.DataFrame:
+        """`pairs` has columns image1, image2; returns them (as given) with distance, same, threshold,
+        p_same. Relative image paths are read from `relative_to` when given (a pairs file's folder,
+        as dataset lists are read), else from the current folder."""
         missing = {"image1", "image2"} - set(pairs.columns)
         if missing:
             raise PredictError(f"pairs need columns image1 and image2; missing {sorted(missing)}")
         t = self.threshold(threshold)
-        paths = pd.unique(pd.concat([pairs["image1"], pairs["image2"]]).astype(str))
+
+        def located(column: str) -> list[str]:
+            return [str(p if relative_to is None or p.is_absolute() else Path(relative_to) / p) for p in map(Path, pairs[column].astype(str))]
+
+        first_paths, second_paths = located("image1"), located("image2")
+        paths = list(dict.fromkeys(first_paths + second_paths))
         row = {path: i for i, path in enumerate(paths)}
-        first = np.array([row[str(p)] for p in pairs["image1"]])
-        second = np.array([row[str(p)] for p in pairs["image2"]])
+        first = np.array([row[p] for p in first_paths])
+        second = np.array([row[p] for p in second_paths])
         out = pairs.copy()
         # The distance evaluate chose the threshold on, so the two always agree.
         out["distance"] = pair_distances(self.embed(paths), first, second)

@@ -63,6 +63,32 @@ def test_verify_pairs_file_writes_csv(artifacts, tmp_path):
     assert pd.read_csv(tmp_path / "again.csv").equals(results)
 
 
+def test_relative_paths_in_a_pairs_file_are_read_from_its_folder(artifacts, tmp_path, monkeypatch):
+    import shutil
+
+    folder = tmp_path / "batch"
+    folder.mkdir()
+    shutil.copy(artifacts["images"][0], folder / "a.png")
+    shutil.copy(artifacts["images"][1], folder / "b.png")
+    pd.DataFrame({"image1": ["a.png", "a.png"], "image2": ["a.png", "b.png"]}).to_csv(folder / "pairs.csv", index=False)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # where a.png is not
+    answer = _json([*_where(artifacts), "verify", "--pairs", folder / "pairs.csv"])
+    assert [row["image1"] for row in answer["results"]] == ["a.png", "a.png"]  # the rows as the file gives them
+    assert answer["results"][0]["distance"] == pytest.approx(0, abs=1e-5) and answer["results"][1]["distance"] > 0.01
+    pd.DataFrame({"image1": ["a.png"], "image2": ["c.png"]}).to_csv(folder / "pairs.csv", index=False)
+    result = runner.invoke(cli.app, [*map(str, _where(artifacts)), "verify", "--pairs", str(folder / "pairs.csv")])
+    assert result.exit_code == 1 and f"{folder / 'c.png'}: image file not found" in result.stderr  # where it looked
+
+
+@pytest.mark.parametrize("command", [["classify", "{folder}"], ["similar", "{folder}"], ["verify", "{folder}", "{image}"]])
+def test_a_folder_given_as_an_image_is_called_a_folder(artifacts, tmp_path, command):
+    args = [c.format(folder=tmp_path, image=artifacts["images"][0]) for c in command]
+    result = runner.invoke(cli.app, [*map(str, _where(artifacts)), *args])
+    assert result.exit_code == 1 and f"{tmp_path}: a folder, not an image file" in result.stderr
+
+
 def test_similar_finds_the_query_itself_first_and_draws_a_sheet(artifacts, tmp_path):
     query = artifacts["images"][3]
     sheet = tmp_path / "sheet.png"
@@ -160,6 +186,15 @@ def test_commands_find_the_project_from_any_folder_inside_it(artifacts, monkeypa
     monkeypatch.chdir(tmp_path)  # no dvc.yaml here or above
     result = runner.invoke(cli.app, ["similar", str(artifacts["images"][3])])
     assert result.exit_code == 1 and f"no dvc.yaml in {tmp_path} or any folder above it" in result.output
+    # One error names every path still needed, where it goes on the command line.
+    assert "clipline --model PATH --index PATH --data PATH --metrics PATH --embeddings PATH similar ..." in result.output
+    result = runner.invoke(cli.app, ["--model", str(artifacts["model"]), "search", "--text", "a red circle"])
+    assert result.exit_code == 1 and "give the paths: clipline --index PATH --data PATH --metrics PATH --embeddings PATH search ..." in result.output
+    result = runner.invoke(cli.app, ["info"])
+    assert result.exit_code == 1 and "give the paths: clipline info --reports PATH" in result.output
+    # Given them, every command works from outside the project.
+    assert "dataset.source" in _invoke(cli.app, ["info", "--reports", artifacts["reports"]])
+    assert _json([*_where(artifacts), "similar", artifacts["images"][3], "-k", "1"])["results"][0]["image_id"] == artifacts["images"][3].stem
 
 
 @pytest.mark.parametrize("out", ["{tmp}", "{tmp}/sheet"])
