@@ -26,7 +26,7 @@ from rich.table import Table
 
 from pipeline import io
 from pipeline.params import PIL_MAX_IMAGE_PIXELS
-from pipeline.predict import PredictError, Predictor
+from pipeline.predict import PredictError, Predictor, find_project_root
 from pipeline.stage import user_errors_exit_cleanly
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, help="Use a clipline pipeline's model, index and reports.")
@@ -38,14 +38,6 @@ def _flatten(prefix: str, value, out: list[tuple[str, object]]) -> None:
             _flatten(f"{prefix}.{key}" if prefix else key, inner, out)
     elif not isinstance(value, list):
         out.append((prefix, value))
-
-
-def find_project_root(start: Path) -> Optional[Path]:
-    """The nearest folder at or above `start` holding dvc.yaml, as git and dvc find theirs."""
-    for folder in [start, *start.parents]:
-        if (folder / "dvc.yaml").is_file():
-            return folder
-    return None
 
 
 def _in_project(ctx: typer.Context, paths: dict[str, Path], usage: str) -> dict[str, Path]:

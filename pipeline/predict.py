@@ -36,6 +36,28 @@ MAX_LOGIT_SCALE = 100.0  # CLIP clamps its learned temperature here
 
 
 
+def find_project_root(start: Path) -> Optional[Path]:
+    """The nearest folder at or above `start` holding dvc.yaml, as git and dvc find theirs."""
+    for folder in [start, *start.parents]:
+        if (folder / "dvc.yaml").is_file():
+            return folder
+    return None
+
+
+def dataset_image_root(data_dir: Path, recorded: Optional[str]) -> Path:
+    """Where the prepared rows' image paths start, absolute, so that every result path is one
+    kind whatever the source: the prepared folder itself (None: generated images), or the
+    source's root as params gave it. A relative one is the project's (prepare runs in the folder
+    of dvc.yaml), wherever the command runs from."""
+    if recorded is None:
+        return data_dir.absolute()
+    root = Path(recorded)
+    if root.is_absolute():
+        return root
+    project = find_project_root(data_dir.absolute())
+    return (project if project is not None else Path.cwd()) / root
+
+
 @dataclass
 class Verdict:
     same: bool
@@ -79,7 +101,7 @@ class Predictor:
         """Load everything once. The gallery defaults to `gallery/` beside the index folder."""
         loaded, model_info = load_trained(model_dir, device)
         info = io.read_json(Path(data_dir) / "dataset.json") if Path(data_dir, "dataset.json").exists() else {"image_root": None}
-        image_root = Path(data_dir) if info["image_root"] is None else Path(info["image_root"])
+        image_root = dataset_image_root(Path(data_dir), info["image_root"])
         try:
             metrics = io.read_json(metrics_path) if Path(metrics_path).exists() else {}
         except ArtifactError as err:  # only verification reads it: search and classify go on
@@ -93,7 +115,7 @@ class Predictor:
             classes=_dataset_classes(Path(data_dir), Path(embeddings_dir), model_info),
         )
         if Path(index_dir, "index.faiss").exists():
-            gallery_dir = Path(index_dir).parent / "gallery" if gallery_dir is None else gallery_dir
+            gallery_dir = (Path(index_dir).parent / "gallery" if gallery_dir is None else Path(gallery_dir)).absolute()
             predictor.gallery = Gallery(gallery_dir, Artifacts(Path(index_dir), Path(model_dir), image_root), predictor.embed)
             predictor.index = predictor.gallery.load()
         return predictor

@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -195,6 +196,33 @@ def test_commands_find_the_project_from_any_folder_inside_it(artifacts, monkeypa
     # Given them, every command works from outside the project.
     assert "dataset.source" in _invoke(cli.app, ["info", "--reports", artifacts["reports"]])
     assert _json([*_where(artifacts), "similar", artifacts["images"][3], "-k", "1"])["results"][0]["image_id"] == artifacts["images"][3].stem
+
+
+def test_result_paths_are_absolute_whatever_the_source_and_the_folder(artifacts, tmp_path, monkeypatch):
+    """A source outside the prepared folder (class folders, a file list) records its root as params
+    gave it, relative to the project; results name the files absolutely from any folder."""
+    import shutil
+
+    project = tmp_path / "project"
+    data = project / "data" / "prepared"
+    shutil.copytree(artifacts["data"], data)
+    images = pd.read_parquet(data / "images.parquet")
+    for path in images["path"]:  # the images move out of the prepared folder, under data/raw
+        (project / "data" / "raw" / path).parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(data / path, project / "data" / "raw" / path)
+    (data / "pixels.npy").unlink(missing_ok=True)
+    info = json.loads((data / "dataset.json").read_text())
+    (data / "dataset.json").write_text(json.dumps({**info, "image_root": "data/raw"}))
+    (project / "dvc.yaml").write_text("stages: {}\n")
+    (project / "notebooks").mkdir()
+    monkeypatch.chdir(project / "notebooks")
+    options = [*map(str, _where(artifacts))]
+    options[options.index("--data") + 1] = str(data)
+    query = project / "data" / "raw" / images["path"].iloc[3]
+    hits = _json([*options, "similar", query, "-k", "3"])["results"]
+    assert hits[0]["path"] == str(query) and all(Path(hit["path"]).is_absolute() and Path(hit["path"]).is_file() for hit in hits)
+    synthetic = _json([*_where(artifacts), "similar", artifacts["images"][3], "-k", "3"])["results"]
+    assert all(Path(hit["path"]).is_absolute() and Path(hit["path"]).is_file() for hit in synthetic)
 
 
 @pytest.mark.parametrize("out", ["{tmp}", "{tmp}/sheet"])
