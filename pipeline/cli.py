@@ -11,6 +11,7 @@ JSON document for scripts; both go through `_emit`.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import numbers
 import sys
@@ -160,19 +161,19 @@ class Artifacts:
         return Predictor.from_artifacts(path["model"], path["index"], path["data"], path["metrics"], self.device, path["embeddings"], self.gallery)
 
 
-def _show_hits(hits: pd.DataFrame, query: dict, as_json: bool, out: Optional[Path], metric: Optional[str]) -> None:
+def _show_hits(hits: pd.DataFrame, query: dict, top_k: int, as_json: bool, out: Optional[Path], metric: Optional[str]) -> None:
     """search and similar: the query, its hits best first, and the contact sheet when asked for."""
     results = [
         {"rank": rank, "score": float(hit.score), "image_id": hit.image_id, "class": None if pd.isna(hit.class_name) else hit.class_name, "path": hit.full_path}
         for rank, hit in enumerate(hits.itertuples(), start=1)
     ]
-    notes = []
+    notes = [] if len(results) >= top_k else [f"{len(results)} results: the gallery holds {len(results)} images, fewer than the {top_k} asked for"]
     if out is not None:
         from pipeline.reporting.figures import contact_sheet  # matplotlib only when a sheet is asked for
 
         contact_sheet(hits, out, query_image=None if "image" not in query else Path(query["image"]), query_text=query.get("text"))
         notes.append(f"contact sheet -> {out}")
-    document = {"query": query, "metric": metric, "results": results, "contact_sheet": None if out is None else str(out)}
+    document = {"query": query, "top_k": top_k, "metric": metric, "results": results, "contact_sheet": None if out is None else str(out)}
     _emit(as_json, document, results, notes)
 
 
@@ -212,7 +213,7 @@ def search(
     _check_sheet_path(out)
     predictor = ctx.obj.predictor()
     hits = predictor.search_text(text, top_k) if text is not None else predictor.similar(image, top_k)
-    _show_hits(hits, {"text": text} if text is not None else {"image": str(image)}, as_json, out, _metric(predictor))
+    _show_hits(hits, {"text": text} if text is not None else {"image": str(image)}, top_k, as_json, out, _metric(predictor))
 
 
 @app.command()
@@ -279,7 +280,7 @@ def similar(
     """The nearest images to QUERY, with their similarity scores (the same as search --image)."""
     _check_sheet_path(out)
     predictor = ctx.obj.predictor()
-    _show_hits(predictor.similar(query, top_k), {"image": str(query)}, as_json, out, _metric(predictor))
+    _show_hits(predictor.similar(query, top_k), {"image": str(query)}, top_k, as_json, out, _metric(predictor))
 
 
 @app.command()
@@ -349,6 +350,21 @@ def serve(
     web.serve(ctx.obj.predictor(), host, port, web.PageLimits(max_upload_mb, max_pixels, max_labels=max_labels))
 
 
+def _warnings_for_people() -> None:
+    """The library's warnings as one line each on stderr, `warning: ...` like the `error: ...` lines,
+    without the logger's name."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(_OneLine())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.WARNING)
+
+
+class _OneLine(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return f"{record.levelname.lower()}: {record.getMessage()}"
+
+
 @app.callback()
 def main(
     ctx: typer.Context,
@@ -362,6 +378,7 @@ def main(
 ) -> None:
     """clipline: a reproducible DVC pipeline for CLIP-style models. Run anywhere inside the project
     (the folder holding dvc.yaml, found upward as git finds .git), or point the options elsewhere."""
+    _warnings_for_people()
     ctx.obj = Artifacts(ctx, dict(model=model, index=index, data=data, metrics=metrics, embeddings=embeddings), gallery, device)
 
 

@@ -250,3 +250,17 @@ def test_top_k_past_what_hnsw_finds_falls_back_to_exact_search(artifacts, tmp_pa
     hits = predictor.similar(artifacts["images"][0], k=10 * n)
     assert len(hits) == n and hits["image_id"].is_unique
     assert "answering by exact search" in caplog.text
+
+
+def test_a_top_k_past_the_gallery_says_both_numbers_in_one_clean_line(artifacts, tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"index": {"factory": "HNSW8", "search_params": "efSearch=4"}}))
+    invoke(index.app, ["--params", params, "--embeddings", artifacts["emb"], "--out", tmp_path / "index", "--timing", tmp_path / "t.json"])
+    options = [str(a) for a in where({**artifacts, "index": tmp_path / "index", "gallery": tmp_path / "gallery"})]
+    n = len(pd.read_parquet(tmp_path / "index" / "ids.parquet"))
+    result = runner.invoke(cli.app, [*options, "similar", str(artifacts["images"][0]), "--top-k", "100000"])
+    assert result.exit_code == 0, result.output
+    warnings = result.stderr.splitlines()
+    assert len(warnings) == 1 and warnings[0].startswith(f"warning: 100000 results asked for, of {n} vectors in the HNSW8 index")
+    assert "WARNING" not in result.output and "pipeline.retrieval" not in result.output
+    assert result.stdout.splitlines()[-1] == f"{n} results: the gallery holds {n} images, fewer than the 100000 asked for"

@@ -175,16 +175,17 @@ class LoadedIndex:
     def search(self, queries: np.ndarray, k: int) -> list[pd.DataFrame]:
         """Per query, the top-k rows of the id map with a `score` column, best first.
 
-        An approximate index can return fewer than k even when the gallery holds more (HNSW finds
-        at most about efSearch candidates); then the query is answered by exact search over the
-        index's stored vectors instead, with a warning, rather than silently cut short.
+        A k above the index's size gives every vector. An approximate index can return fewer than
+        that even when the gallery holds more (HNSW finds at most about efSearch candidates); then the
+        query is answered by exact search over the index's stored vectors instead, with a warning,
+        rather than silently cut short.
         """
         queries = np.atleast_2d(queries)
         scores, rows = search(self.index, queries, k)
         if (rows < 0).any():
             logger.warning(
-                "the %s index returned fewer than the %d results asked for; answering by exact search over its %d vectors",
-                self.info.get("factory_chosen", self.info.get("factory", "approximate")), rows.shape[1], self.index.ntotal,
+                "%d results asked for, of %d vectors in the %s index, which found only %d for a query; answering by exact search",
+                k, self.index.ntotal, self.info.get("factory_chosen", self.info.get("factory", "approximate")), int((rows >= 0).sum(axis=1).min()),
             )  # fmt: skip
             scores, rows = exact_search(self.index, queries, k)
         results = []
