@@ -16,7 +16,7 @@ import math
 import numbers
 import sys
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -26,9 +26,13 @@ from rich.console import Console
 from rich.table import Table
 
 from pipeline import io
+from pipeline.errors import PredictError
 from pipeline.params import PIL_MAX_IMAGE_PIXELS
-from pipeline.predict import PredictError, Predictor, find_project_root
+from pipeline.project import find_project_root
 from pipeline.stage import user_errors_exit_cleanly
+
+if TYPE_CHECKING:  # torch and open_clip load with the model, not with --help or info
+    from pipeline.predict import Predictor
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, help="Use a clipline pipeline's model, index and reports.")
 
@@ -157,6 +161,8 @@ class Artifacts:
         return _in_project(self.ctx, self.paths, f"clipline {{options}} {self.ctx.invoked_subcommand} ...")
 
     def predictor(self) -> Predictor:
+        from pipeline.predict import Predictor  # torch and open_clip: only for a command that loads the model
+
         path = self.resolved()
         return Predictor.from_artifacts(path["model"], path["index"], path["data"], path["metrics"], self.device, path["embeddings"], self.gallery)
 

@@ -29,19 +29,12 @@ from pipeline.metrics.classification import zero_shot_scores
 from pipeline.metrics.verification import pair_distances, same_probability
 from pipeline.models import LoadedModel, load_trained
 from pipeline.models.encode import encode_class_prompts, encode_images, encode_texts
+from pipeline.project import find_project_root
 from pipeline.retrieval import faiss_index
 from pipeline.retrieval.gallery import AddReport, Artifacts, Gallery
 
 MAX_LOGIT_SCALE = 100.0  # CLIP clamps its learned temperature here
 
-
-
-def find_project_root(start: Path) -> Optional[Path]:
-    """The nearest folder at or above `start` holding dvc.yaml, as git and dvc find theirs."""
-    for folder in [start, *start.parents]:
-        if (folder / "dvc.yaml").is_file():
-            return folder
-    return None
 
 
 def dataset_image_root(data_dir: Path, recorded: Optional[str]) -> Path:

@@ -256,3 +256,21 @@ def test_a_narrow_terminal_folds_long_paths_instead_of_cutting_them(monkeypatch)
     rule = next(i for i, line in enumerate(lines) if set(line.strip()) == {"─"})
     assert lines[rule + 1].split()[:2] == ["1", "0.1235"]
     assert "".join(line.split()[-1] for line in lines[rule + 1 :]) == path  # the last column, folded
+
+
+def test_help_option_errors_and_info_load_no_model_libraries(artifacts):
+    """Start-up: torch and open_clip take seconds to import, and --help, a mistyped option or info
+    need neither (bench/cli_startup.py measures the time)."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys\nfrom pipeline.cli import app\n"
+        f"for args in (['--help'], ['search', '--txet', 'x'], ['info', '--reports', {str(artifacts['reports'])!r}]):\n"
+        "    try:\n        app(args, prog_name='clipline')\n    except SystemExit as end:\n        print('exit', end.code)\n"
+        "print('loaded:', sorted(name for name in ('torch', 'open_clip', 'faiss', 'gradio') if name in sys.modules))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    exits = [line for line in result.stdout.splitlines() if line.startswith("exit ")]
+    assert exits == ["exit 0", "exit 2", "exit 0"], result.stdout[-2000:] + result.stderr[-2000:]
+    assert result.stdout.strip().endswith("loaded: []")
