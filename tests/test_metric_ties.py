@@ -384,3 +384,30 @@ def test_chance_map_at_r_formula():
         within = relevant[:r]
         sims.append((np.cumsum(within) / np.arange(1, r + 1) * within).sum() / r)
     assert np.mean(sims) == pytest.approx(_chance_map_at_r(r, m), abs=0.01)
+
+
+@pytest.mark.parametrize("metric", ["cosine", "l2"])
+def test_the_nearest_score_is_the_same_on_any_number_of_threads(metric):
+    """The probe stores each query's nearest score; FAISS's float32 BLAS scores differ in their
+    last bits with the thread count, so the stored one is the exact dot product, in float64."""
+    import faiss
+
+    rng = np.random.default_rng(0)
+    gallery, queries = rng.random((300, 3072), dtype=np.float32), rng.random((200, 3072), dtype=np.float32)
+    labels, query_labels = rng.integers(0, 4, 300), rng.integers(0, 4, 200)
+    threads = faiss.omp_get_max_threads()
+    try:
+        runs = []
+        for n in (1, 2):
+            faiss.omp_set_num_threads(n)
+            runs.append(knn_neighbours(gallery, labels, queries, query_labels, 4, k=5, metric=metric))
+    finally:
+        faiss.omp_set_num_threads(threads)
+    (rows_1, first_1, _), (rows_2, first_2, _) = runs
+    assert np.array_equal(rows_1, rows_2) and first_1.tobytes() == first_2.tobytes()
+    if metric == "cosine":
+        unit = lambda x: x / np.linalg.norm(x.astype(np.float64), axis=1, keepdims=True)  # noqa: E731
+        expected = np.einsum("ij,ij->i", unit(queries), unit(gallery)[rows_1[:, 0]])
+    else:
+        expected = ((queries.astype(np.float64) - gallery[rows_1[:, 0]]) ** 2).sum(axis=1)
+    assert np.allclose(first_1, expected, rtol=1e-6, atol=1e-6)

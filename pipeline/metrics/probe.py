@@ -128,9 +128,13 @@ class _Groups:
 def knn_neighbours(
     gallery: np.ndarray, gallery_labels: np.ndarray, queries: np.ndarray, query_labels: np.ndarray, n_classes: int, k: int, metric: str
 ) -> tuple[np.ndarray, np.ndarray, float]:
-    """(rows, first, query_s): each query's k nearest gallery rows under the tie rule, FAISS's
-    score of the nearest one (similarity for cosine, squared distance for l2), and the seconds of
-    the main FAISS search.
+    """(rows, first, query_s): each query's k nearest gallery rows under the tie rule, the score
+    of the nearest one (similarity for cosine, squared distance for l2), and the seconds of the
+    main FAISS search.
+
+    FAISS's float32 scores depend in their last bits on how many threads its BLAS ran on, so the
+    nearest one's score is computed again in float64, one dot product per query: the stored
+    value is then the same on any number of cores.
 
     The index holds each distinct gallery vector once, and k (capped at the gallery size) items
     are drawn from the groups it returns. The timed search asks for k + 1 groups. Where the group
@@ -181,7 +185,16 @@ def knn_neighbours(
             if width < n_groups:
                 still_tied.append(q[groups.kth_tied_with_last(found_q, distance(wider), k)])
         pending = np.concatenate(still_tied) if still_tied else []
-    return rows, scores[:, 0], query_s
+    return rows, _exact_scores(queries, unique[group_of[rows[:, 0]]], metric), query_s
+
+
+def _exact_scores(queries: np.ndarray, nearest: np.ndarray, metric: str) -> np.ndarray:
+    """Row by row: the similarity (cosine, on normalised rows) or squared distance (l2) of each
+    query to its nearest gallery vector, summed in float64 by numpy (no threads), as float32."""
+    queries, nearest = queries.astype(np.float64), nearest.astype(np.float64)
+    if metric == "cosine":
+        return np.einsum("ij,ij->i", queries, nearest).astype(np.float32)
+    return np.einsum("ij,ij->i", queries - nearest, queries - nearest).astype(np.float32)
 
 
 def knn_probe(
