@@ -1,5 +1,5 @@
 """Train and evaluate several `train.method`s on class-disjoint datasets as DVC experiments; write
-reports/methods.json.
+reports/methods.json and, beside it, reports/methods.md (the rows side by side).
 
 Two datasets, both in the re-identification setting (test identities never appear in training):
 the generated shapes, and real handwritten digits (scikit-learn's bundled copy of the UCI digits,
@@ -10,8 +10,8 @@ Each (dataset, method) is one queued experiment (`dvc exp run --queue -S train.m
 `dvc exp run --run-all`, so it runs in DVC's own temporary workspace from the current commit plus
 the workspace's changes, the project's outputs are untouched, and every run stays in `dvc exp show`
 (named methods-<dataset>[-seed<N>]-<method>-<run id>; `dvc exp apply` brings one into the workspace). The metrics are
-read back from `dvc exp show --json`. `evaluate` reads methods.json into the "Methods compared"
-table of reports/report.md; after running this, `dvc repro` refreshes the report (only evaluate reruns).
+read back from `dvc exp show --json`. The pipeline's own report (reports/report.md) shows only what
+its run computed, never these rows.
 
     python bench/compare_methods.py                       # none, siamese, triplet on shapes and digits (~20 min, 2 cores)
     python bench/compare_methods.py --dataset shapes --method clip --method triplet -S train.epochs=5
@@ -35,6 +35,10 @@ import numpy as np
 import typer
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from pipeline.reporting import markdown  # noqa: E402
+
 # Every dataset is compared with exact search, so the index is not part of the comparison.
 EXACT_INDEX = ["index.factory=Flat", "index.search_params="]
 OVERRIDES = {
@@ -182,11 +186,12 @@ def main(
         "rows": rows,
     }
     out.write_text(json.dumps(payload, indent=2) + "\n")
+    out.with_suffix(".md").write_text(markdown.methods_table(payload))
     columns = [*KEYS, "timing.train_s"]
     typer.echo(f"\n{'dataset':<8}{'method':<10}{'data_seed':>12}" + "".join(f"{k.split('.')[-1]:>16}" for k in columns))
     for row in rows:
         typer.echo(f"{row['dataset']:<8}{row['method']:<10}{str(row.get('data_seed', '-')):>12}" + "".join(f"{row[k]:>16.4f}" if isinstance(row[k], float) else f"{str(row[k]):>16}" for k in columns))
-    typer.echo(f"-> {out}")
+    typer.echo(f"-> {out}, {out.with_suffix('.md')}")
 
 
 if __name__ == "__main__":

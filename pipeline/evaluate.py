@@ -25,7 +25,6 @@ def main(
     probe_dir: Path = typer.Option(Path("artifacts/probe"), "--probe", help="probe results folder"),
     train_reports: Path = typer.Option(Path("reports/train"), help="training curves folder"),
     reports: Path = typer.Option(Path("reports"), help="reports folder"),
-    methods: Path = typer.Option(Path("reports/methods.json"), help="method comparison from bench/compare_methods.py"),
     timing: Path = timing_option("evaluate"),
 ) -> None:
     start = time.perf_counter()
@@ -85,8 +84,7 @@ def main(
     # Wall-clock times are in reports/timing/ (one file per stage), never here: metrics.json is a
     # pure function of the stage's inputs, so `dvc metrics diff` after a rerun shows real changes only.
     io.write_json(reports / "metrics.json", metrics)
-    comparison = io.read_json(methods) if methods.exists() else None
-    io.write_text(reports / "report.md", markdown.render(metrics, written, comparison, not_drawn, zero_shot.plots.get("zero_shot_per_class")))
+    io.write_text(reports / "report.md", markdown.render(metrics, written, not_drawn, zero_shot.plots.get("zero_shot_per_class")))
     write_timing(timing, {"evaluate_s": round(time.perf_counter() - start, 3)})
     summary = []
     if "top1" in zero_shot.metrics:

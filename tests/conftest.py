@@ -47,7 +47,7 @@ def run_pipeline(root, params: dict) -> dict:
     invoke(
         evaluate.app,
         ["--params", params_file, "--data", paths["data"], "--embeddings", paths["emb"], "--index", paths["index"], "--probe", paths["probe"],
-         "--train-reports", paths["reports"] / "train", "--reports", paths["reports"], "--methods", root / "none.json", *timing("evaluate")],
+         "--train-reports", paths["reports"] / "train", "--reports", paths["reports"], *timing("evaluate")],
     )  # fmt: skip
     images = pd.read_parquet(paths["data"] / "images.parquet")
     paths["images"] = [paths["data"] / p for p in images["path"]]

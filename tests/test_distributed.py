@@ -118,7 +118,7 @@ def test_two_processes_resume_after_a_kill_and_their_model_evaluates(data, tmp_p
     invoke(probe.app, ["--params", params, "--data", data, "--model", straight / "model", "--out", straight / "probe",
                        "--timing", reports / "probe.json", "--tradeoff-figure", reports / "tradeoff.png"])  # fmt: skip
     invoke(evaluate.app, ["--params", params, "--data", data, "--embeddings", emb, "--index", straight / "index", "--probe", straight / "probe",
-                          "--train-reports", straight / "reports", "--reports", reports, "--methods", straight / "methods.json",
+                          "--train-reports", straight / "reports", "--reports", reports,
                           "--timing", reports / "evaluate.json"])  # fmt: skip
     metrics = json.loads((reports / "metrics.json").read_text())
     assert 0 <= metrics["zero_shot"]["top1"] <= 1

@@ -57,5 +57,5 @@ def test_a_failing_figure_is_recorded_and_the_report_still_renders(tmp_path):
         "model": {"name": "clipline-tiny", "pretrained": "none", "method": "none"},
         "zero_shot": {"skipped": "x"}, "retrieval": {"skipped": "x"}, "index": {"factory": "Flat"},
     }  # fmt: skip
-    report = markdown.render(metrics, drawn.written, None, drawn.failed)
+    report = markdown.render(metrics, drawn.written, drawn.failed)
     assert "## Figures not drawn" in report and "`broken`: ValueError: Too many bins for data range" in report

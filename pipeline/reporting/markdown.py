@@ -101,10 +101,10 @@ def merged_line(retrieval: dict) -> str:
 
 
 def render(
-    metrics: dict, figures: dict[str, str], methods: dict | None = None, not_drawn: dict[str, str] | None = None, per_class: list[dict] | None = None
+    metrics: dict, figures: dict[str, str], not_drawn: dict[str, str] | None = None, per_class: list[dict] | None = None
 ) -> str:
-    """`figures` maps a figure's role to its path relative to reports/; `methods` is reports/methods.json;
-    `not_drawn` maps the role of a figure that could not be drawn to the reason; `per_class` the
+    """The report of one evaluate run, from what that run computed only. `figures` maps a figure's
+    role to its path relative to reports/; `not_drawn` maps the role of a figure that could not be drawn to the reason; `per_class` the
     zero-shot rows per class (class, n, top1)."""
     model, data = metrics["model"], metrics["dataset"]
     parts = [
@@ -175,7 +175,8 @@ def render(
             f"| same | {c['fn']} | {c['tp']} |",
             "",
         ]
-        parts += [f"![{alt}]({figures[role]})\n" for role, alt in (("distances", "pair distance histograms"), ("roc", "ROC curve")) if role in figures]
+        figure_roles = (("verification_confusion", "verification confusion matrix"), ("distances", "pair distance histograms"), ("roc", "ROC curve"))
+        parts += [f"![{alt}]({figures[role]})\n" for role, alt in figure_roles if role in figures]
     parts.append(
         _section("Retrieval within the image set", metrics.get("metric_learning", {"skipped": "not evaluated"}), ["precision_at_1", "r_precision", "map_at_r", "n_queries"])
     )
@@ -185,8 +186,6 @@ def render(
     parts.append(probe_table(metrics.get("probe", {"skipped": "not run"}), figures))
     if "training_curve" in figures:
         parts += ["## Training", "", f"![training curves]({figures['training_curve']})", ""]
-    if methods:
-        parts.append(methods_table(methods))
     if not_drawn:
         parts += ["## Figures not drawn", "", "The metrics above are complete; these figures failed on this run's data:", ""]
         parts += [f"- `{role}`: {reason}" for role, reason in not_drawn.items()] + [""]

@@ -100,7 +100,7 @@ def test_rejected_count_reaches_the_reports(artifacts, tmp_path):
         evaluate.app,
         ["--params", params_file, "--data", data, "--embeddings", artifacts["emb"], "--index", artifacts["index"],
          "--probe", artifacts["probe"], "--train-reports", artifacts["reports"] / "train",
-         "--reports", reports, "--methods", tmp_path / "none.json", "--timing", reports / "timing.json"],
+         "--reports", reports, "--timing", reports / "timing.json"],
     )  # fmt: skip
     dataset = io.read_json(reports / "metrics.json")["dataset"]
     assert dataset["n_rejected_images"] == 3 and dataset["n_rejected_annotations"] == 2

@@ -28,7 +28,7 @@ def test_a_collapsed_image_tower_scores_at_chance_or_below(artifacts, tmp_path):
         evaluate.app,
         ["--params", params, "--data", artifacts["data"], "--embeddings", embeddings, "--index", artifacts["index"],
          "--probe", artifacts["probe"], "--train-reports", artifacts["reports"] / "train", "--reports", reports,
-         "--methods", tmp_path / "none.json", "--timing", tmp_path / "timing.json"],
+         "--timing", tmp_path / "timing.json"],
     )  # fmt: skip
     metrics = io.read_json(reports / "metrics.json")
 

@@ -39,7 +39,7 @@ def _evaluate_args(artifacts, embeddings, tmp_path):
     return [
         "--params", artifacts["data"].parent.parent / "params.yaml", "--data", artifacts["data"], "--embeddings", embeddings,
         "--index", artifacts["index"], "--probe", artifacts["probe"], "--train-reports", artifacts["reports"] / "train",
-        "--reports", tmp_path / "reports", "--methods", tmp_path / "none.json", "--timing", tmp_path / "t.json",
+        "--reports", tmp_path / "reports", "--timing", tmp_path / "t.json",
     ]  # fmt: skip
 
 
