@@ -222,6 +222,26 @@ def test_a_rebuilt_index_re_embeds_the_added_images(artifacts, tmp_path):
         load_predictor(base, gallery)
 
 
+def test_a_gallery_starts_again_when_the_pipelines_images_change(artifacts, tmp_path, caplog):
+    """Images added while working on one dataset belong to it: after `dvc repro` on another one,
+    the gallery is the new index alone, and the old gallery is set aside, not deleted."""
+    base = {**artifacts, "index": tmp_path / "index"}
+    shutil.copytree(artifacts["index"], base["index"])
+    new = _new_images(tmp_path / "new")
+    gallery = tmp_path / "gallery"
+    load_predictor(base, gallery).add([new])
+    ids = pd.read_parquet(base["index"] / "ids.parquet")
+    ids["image_id"] = "other/" + ids["image_id"].astype(str)  # the same size, other images
+    ids.to_parquet(base["index"] / "ids.parquet", index=False)
+    predictor = load_predictor(base, gallery)
+    assert "starting a new gallery" in caplog.text and "2 added images" in caplog.text
+    assert predictor.index.index.ntotal == len(ids) and not predictor.similar(new / "a.png", 3)["image_id"].str.startswith("added/").any()
+    (retired,) = (gallery / "retired").iterdir()
+    kept = io.read_embeddings(retired / "added.parquet")[0]
+    assert len(kept) == 2 and all((gallery / path).is_file() for path in kept["path"])  # the files stay in store/
+    assert predictor.add([new / "a.png"]).added  # and the new gallery takes them again
+
+
 def test_a_gallery_belongs_to_one_index(artifacts, tmp_path):
     other = tmp_path / "other_index"
     shutil.copytree(artifacts["index"], other)

@@ -7,6 +7,7 @@
             ids.parquet             FAISS row -> image_id, path, split, label, class_name, sha256
             added.parquet           the added images' embeddings, in the order of the last rows
             index.json              the pipeline's index.json, plus the base fingerprint and counts
+        retired/<time>/             a current/ set aside when the pipeline's images changed
         .lock                       one writer at a time
 
 An add is atomic: new images land in store/ first (each by temp file + rename), then `current/`
@@ -14,7 +15,10 @@ is swapped in by renames. Interrupted before the swap, the previous `current/` s
 may hold a file nothing refers to, which the next add of the same image reuses.
 
 Added embeddings belong to the model that made them. When `dvc repro` builds a new model or index,
-the gallery sees a new base fingerprint and re-embeds its stored images onto the new index.
+the gallery sees a new base fingerprint and re-embeds its stored images onto the new index. Added
+images belong to the pipeline images they were added to: when those change (`dvc repro` on another
+dataset), the gallery starts again from the new index and moves the old `current/` to
+`retired/<time>/`, with a warning; the added files stay in store/.
 """
 
 from __future__ import annotations
@@ -209,6 +213,10 @@ class Gallery:
             )
         if state.info.get("base_fingerprint") == base_fingerprint(self.base):
             return state, (added, vectors)
+        extended = state.ids.iloc[: state.info["n_base"]][["image_id", "path"]].astype(str).to_numpy()
+        now = io.read_parquet_named(self.base.index_dir / "ids.parquet", columns=["image_id", "path"]).astype(str).to_numpy()
+        if extended.shape != now.shape or (extended != now).any():
+            return self._retire(len(added)), None
         missing = [p for p in added["path"] if not (self.folder / p).is_file()]
         if missing:
             raise GalleryError(
@@ -217,6 +225,20 @@ class Gallery:
             )
         log.warning("the pipeline's index or model changed since the last add: re-embedding %d added images", len(added))
         return self._save(self._from_base(), None, added, self.embed([self.folder / p for p in added["path"]]))
+
+    def _retire(self, n_added: int) -> faiss_index.LoadedIndex:
+        """The pipeline's images are others now (`dvc repro` on another dataset): the added images
+        belonged to the old ones, so the gallery starts again from the new index. The old `current/`
+        moves to `retired/<time>/`; its images stay in store/."""
+        retired = self.folder / "retired" / time.strftime("%Y%m%d-%H%M%S")
+        retired.parent.mkdir(exist_ok=True)
+        self.current.rename(retired)
+        log.warning(
+            "the pipeline's images are not the ones the %d added images were added to (dvc repro on other data): "
+            "starting a new gallery; the old one is in %s",
+            n_added, retired,
+        )  # fmt: skip
+        return self._from_base()
 
     def _check_consistent(self, state: faiss_index.LoadedIndex, added: pd.DataFrame, vectors: np.ndarray) -> None:
         n_base = state.info.get("n_base", -1)
