@@ -358,17 +358,16 @@ def serve(
 
 def _warnings_for_people() -> None:
     """The library's warnings as one line each on stderr, `warning: ...` like the `error: ...` lines,
-    without the logger's name."""
-    handler = logging.StreamHandler()
-    handler.setFormatter(_OneLine())
+    without the logger's name. Added once; handlers already there (a test's log capture) stay."""
     root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(logging.WARNING)
+    if not any(isinstance(handler, _OneLineToStderr) for handler in root.handlers):
+        root.addHandler(_OneLineToStderr(level=logging.WARNING))
 
 
-class _OneLine(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        return f"{record.levelname.lower()}: {record.getMessage()}"
+class _OneLineToStderr(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        # sys.stderr as it is now, not when the handler was made: a test runner swaps it per command.
+        print(f"{record.levelname.lower()}: {record.getMessage()}", file=sys.stderr)
 
 
 @app.callback()
