@@ -38,7 +38,7 @@ def test_project_reading_tests_pass_with_an_experiment_in_the_workspace(tmp_path
     ignore = shutil.ignore_patterns("__pycache__", ".pytest_cache", "tmp", "cache")
     for name in ("pipeline", "tests", ".dvc", ".ci"):
         shutil.copytree(ROOT / name, work / name, ignore=ignore)
-    for name in ("dvc.yaml", "params.yaml", "README.md", "pyproject.toml", "requirements.lock", ".dvcignore"):
+    for name in ("dvc.yaml", "params.yaml", "README.md", "pyproject.toml", "requirements.lock", ".dvcignore", "reports/methods.json"):
         (work / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(ROOT / name, work / name)
     _git(work, "init", "-q")
