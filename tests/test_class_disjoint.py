@@ -16,7 +16,7 @@ DISJOINT = {
 def test_the_probe_is_skipped_and_zero_shot_chance_counts_the_test_classes(tmp_path):
     paths = run_pipeline(tmp_path, DISJOINT)
     metrics = io.read_json(paths["reports"] / "metrics.json")
-    # The layer probe votes among train classes: with none of the test's, it used to print top-1 0.000.
+    # The layer probe votes among train classes: with none of the test's, a top-1 would be 0.000 by construction.
     assert "class-disjoint" in metrics["probe"]["skipped"]
     zero_shot = metrics["zero_shot"]
     assert zero_shot["n_classes"] == 2 and zero_shot["n_classes_in_dataset"] == 6 and zero_shot["chance_top1"] == 0.5
