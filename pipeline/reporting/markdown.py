@@ -104,8 +104,8 @@ def render(
     metrics: dict, figures: dict[str, str], not_drawn: dict[str, str] | None = None, per_class: list[dict] | None = None
 ) -> str:
     """The report of one evaluate run, from what that run computed only. `figures` maps a figure's
-    role to its path relative to reports/; `not_drawn` maps the role of a figure that could not be drawn to the reason; `per_class` the
-    zero-shot rows per class (class, n, top1)."""
+    role to its path relative to reports/; `not_drawn` maps the role of a figure that could not be
+    drawn to the reason; `per_class` the zero-shot rows per class (class, n, top1)."""
     model, data = metrics["model"], metrics["dataset"]
     parts = [
         "# Evaluation report",
